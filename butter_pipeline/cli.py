@@ -1,0 +1,187 @@
+"""The ``butter`` command line: short adapters over the library.
+
+Bad input (a malformed sweep, an unknown dataset, an unusable store) prints one line naming the input and
+exits with status 2; it never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from butter_pipeline.errors import ButterError
+from butter_pipeline.store import DEFAULT_STORE, Store, check_reachable, open_store
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Generate and publish BUTTER-style datasets.",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+SweepArg = Annotated[str, typer.Argument(help="A preset name (see `butter sweeps`) or a sweep .toml file.")]
+StoreOpt = Annotated[str, typer.Option("--store", help="A folder or s3://bucket/prefix.")]
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} seconds"
+
+
+def _fail(error: ButterError) -> None:
+    err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def sweeps() -> None:
+    """List the sweep presets shipped with butter."""
+    from butter_pipeline.sweep import expand, load_spec, preset_names
+
+    table = Table("preset", "experiments", "runs", "description")
+    for name in preset_names():
+        spec = load_spec(name)
+        experiments = sum(1 for _ in expand(spec))
+        table.add_row(name, f"{experiments:,}", f"{experiments * spec.repetitions:,}", spec.description)
+    out.print(table)
+
+
+@app.command()
+def plan(
+    sweep: SweepArg,
+    store: Annotated[str | None, typer.Option("--store", help="Also count what this store holds.")] = None,
+) -> None:
+    """Print a sweep's experiments, runs and epochs, and an estimate of its cost. Runs nothing."""
+    from butter_pipeline.plan import done_run_ids, estimated_seconds, make_plan
+    from butter_pipeline.sweep import load_spec
+
+    try:
+        spec = load_spec(sweep)
+        done = done_run_ids(_reachable(store)) if store else set()
+    except ButterError as exc:
+        _fail(exc)
+    result = make_plan(spec, done)
+    seconds = sum(estimated_seconds(run) for run in result.todo)
+    out.print(
+        f"sweep {spec.name}: {result.experiments:,} experiments, {result.runs:,} runs, {result.epochs:,} run-epochs"
+    )
+    if store:
+        out.print(f"already in {store}: {result.done:,} runs; to train: {len(result.todo):,}")
+    out.print(
+        f"estimate: about {_duration(seconds)} of CPU-core time with the reference trainer "
+        "(cost model in docs/performance.md)"
+    )
+
+
+def _reachable(uri: str) -> Store:
+    store = open_store(uri)
+    check_reachable(store)
+    return store
+
+
+def _watch_staging(store: Store, total: int, stop: threading.Event) -> None:
+    """Show training progress from the store itself: runs staged or quarantined since the start."""
+    from butter_pipeline.stage import quarantined_units, staged_units
+
+    before = set(staged_units(store)) | set(quarantined_units(store))
+    with Progress(
+        TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as progress:
+        bar = progress.add_task("runs", total=total)
+        seen: set[str] = set()
+        while not stop.wait(1.0):
+            try:
+                seen |= (set(staged_units(store)) | set(quarantined_units(store))) - before
+            except OSError:
+                continue  # a listing that races the publisher's clean-up; the next poll catches up
+            progress.update(bar, completed=min(len(seen), total))
+
+
+@app.command()
+def run(
+    sweep: SweepArg,
+    store: StoreOpt = DEFAULT_STORE,
+    workers: Annotated[int | None, typer.Option(min=1, help="Local Dask workers (default: one per core).")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="Use this Dask scheduler instead.")] = None,
+    max_runs: Annotated[int | None, typer.Option(min=1, help="Train at most this many new runs.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Prefect's and Dask's logs.")] = False,
+) -> None:
+    """Train the runs of SWEEP that the store lacks, and publish them as Delta tables."""
+    from butter_pipeline.orchestrate import apply_prefect_defaults, run_sweep_flow
+    from butter_pipeline.plan import done_run_ids, make_plan
+    from butter_pipeline.sweep import load_spec
+
+    started = time.perf_counter()
+    try:
+        spec = load_spec(sweep)
+        target = _reachable(store)
+        planned = make_plan(spec, done_run_ids(target), max_runs=max_runs)
+    except ButterError as exc:
+        _fail(exc)
+    err.print(
+        f"{spec.name}: {planned.runs} runs, {planned.done} already in the store, training {len(planned.todo)}",
+        highlight=False,
+    )
+    apply_prefect_defaults(quiet=not verbose)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_staging, args=(target, len(planned.todo), stop), daemon=True)
+    watcher.start()
+    try:
+        summary = run_sweep_flow(
+            sweep=sweep, store=target.uri, workers=workers, dask_address=dask_address, max_runs=max_runs
+        )
+    except ButterError as exc:
+        _fail(exc)
+    finally:
+        stop.set()
+        watcher.join()
+    report = summary["publish"]
+    outcomes = summary["outcomes"]
+    statuses = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(outcomes.items()) if k.startswith("status:"))
+    quarantined = outcomes.get("quarantined", 0)
+    out.print(
+        f"published {report['runs_added']} runs ({report['epochs_added']} epoch rows"
+        f"{'; ' + statuses if statuses else ''}) to {target.uri} "
+        f"(runs table version {report['runs_version']}) in {time.perf_counter() - started:.0f} s"
+        + (f"; {quarantined} quarantined in {target.uri}/quarantine" if quarantined else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("publish")
+def publish_command(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Commit staged results into the store's Delta tables (safe to repeat)."""
+    from butter_pipeline.publish import publish
+
+    try:
+        report = publish(_reachable(store))
+    except ButterError as exc:
+        _fail(exc)
+    out.print(
+        f"published {report.runs_added} runs ({report.epochs_added} epoch rows) from {report.units} "
+        f"staged units in {report.commits} commits; runs table version {report.runs_version}"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; staged results are kept and published by the next run or `butter publish`")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

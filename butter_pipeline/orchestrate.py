@@ -1,0 +1,68 @@
+"""The orchestration edge: the one library module that imports Prefect (and only when called).
+
+It gives the flow a Prefect API (the configured server, or one temporary local server shared with the
+Dask workers), picks the Dask cluster (a LocalCluster, or an existing scheduler by address) and runs the
+sweep flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+PREFECT_DEFAULTS = {
+    # Prefect's own telemetry reaches for the internet; the 20 s default start-up timeout is too short
+    # for a fresh database on a 2-core machine.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "error",
+}
+
+
+def apply_prefect_defaults(*, quiet: bool) -> None:
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if quiet:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the Prefect API URL to use, starting a temporary local server when none is configured.
+
+    Every Dask worker would otherwise start its own temporary server (tens of seconds each), so the URL
+    goes into the environment before the cluster's processes are spawned.
+    """
+    configured = os.environ.get("PREFECT_API_URL")
+    if configured:
+        yield configured
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def run_sweep_flow(
+    *, sweep: str, store: str, workers: int | None, dask_address: str | None, max_runs: int | None
+) -> dict[str, object]:
+    """Run the sweep flow to completion and return its summary."""
+    from prefect_dask import DaskTaskRunner
+
+    from butter_pipeline.flows.sweep import local_cluster_runner, sweep_flow
+
+    runner = DaskTaskRunner(address=dask_address) if dask_address else local_cluster_runner(workers)
+    with prefect_api():
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        return sweep_flow.with_options(task_runner=runner)(sweep=sweep, store=store, max_runs=max_runs, workers=workers)

@@ -1,0 +1,81 @@
+"""BUTTER's 13 tasks: load a dataset by name as float32 arrays ready to train on.
+
+``load_task(name)`` reads the task's files (cache, package, or a checksummed download), applies BUTTER's
+preprocessing and returns a ``Task``. Its ``kind`` decides the output activation and the loss exactly as
+BUTTER's ``compute_network_configuration`` did (reference §2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from butter_pipeline.errors import DatasetError
+from butter_pipeline.tasks._base import data_home, manifest, resolve_file
+from butter_pipeline.tasks._mnist import read_mnist
+from butter_pipeline.tasks._pmlb import TARGET_COLUMN, read_pmlb_frame
+from butter_pipeline.tasks.preprocess import encode_frame
+
+DATASETS: tuple[str, ...] = tuple(sorted(manifest()))
+
+__all__ = ["DATASETS", "Task", "data_home", "load_task", "manifest", "resolve_file"]
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A preprocessed task. ``x`` float32 [rows, n_in] in [0, 1]; ``y`` float32 [rows, n_out]."""
+
+    name: str
+    task_type: str  # "regression" or "classification", as BUTTER trained it
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def n_in(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def n_out(self) -> int:
+        return int(self.y.shape[1])
+
+    @property
+    def kind(self) -> str:
+        """``regression``, ``binary`` (one 0/1 output) or ``multiclass`` (one-hot outputs)."""
+        if self.task_type == "regression":
+            return "regression"
+        return "binary" if self.n_out == 1 else "multiclass"
+
+    @property
+    def output_activation(self) -> str:
+        return "softmax" if self.kind == "multiclass" else "sigmoid"
+
+    @property
+    def loss_name(self) -> str:
+        return {
+            "regression": "mean_squared_error",
+            "binary": "binary_crossentropy",
+            "multiclass": "categorical_crossentropy",
+        }[self.kind]
+
+
+@cache
+def load_task(name: str) -> Task:
+    """Load and preprocess task ``name`` (once per process; the arrays are shared, never mutate them)."""
+    entries = manifest().get(name)
+    if entries is None:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    task_type = entries[0].task
+    if name == "mnist":
+        # BUTTER's mnist loader: pixels / 255 (all 784 columns kept), labels one-hot.
+        pixels, labels = read_mnist(entries)
+        x = (pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)
+        y = np.eye(10, dtype=np.float32)[labels]
+    else:
+        frame = read_pmlb_frame(entries[0])
+        x = encode_frame(frame.drop(columns=[TARGET_COLUMN]))
+        y = encode_frame(frame[[TARGET_COLUMN]])
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return Task(name=name, task_type=task_type, x=x, y=y)

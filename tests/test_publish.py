@@ -1,0 +1,121 @@
+"""Staging, quarantine and exactly-once publishing into Delta tables, on a local folder and on S3."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable
+
+from butter_pipeline import publish as publishing
+from butter_pipeline.plan import done_run_ids
+from butter_pipeline.record import epochs_table, runs_table
+from butter_pipeline.stage import quarantined_units, stage_result, staged_units
+from butter_pipeline.store import open_store
+from butter_pipeline.sweep import parse_spec, plan_runs
+from butter_pipeline.train import train_run
+
+
+@pytest.fixture(scope="module")
+def results():
+    spec = parse_spec(
+        {"name": "pub", "repetitions": 3, "grid": {"dataset": "529_pollen", "size": 256, "epochs": 4}}, source="test"
+    )
+    return [train_run(run) for run in plan_runs(spec)]
+
+
+def _stage_all(store, results):
+    return [stage_result(store, r.run.run_id, runs_table([r]), epochs_table([r])).status for r in results]
+
+
+def _counts(store):
+    runs = DeltaTable(store.table_uri("runs"), storage_options=store.storage_options or None)
+    epochs = DeltaTable(store.table_uri("epochs"), storage_options=store.storage_options or None)
+    return runs.to_pyarrow_table().num_rows, epochs.to_pyarrow_table().num_rows
+
+
+def test_publish_is_exactly_once(tmp_path, results):
+    store = open_store(tmp_path / "store")
+    assert _stage_all(store, results) == ["staged"] * 3
+    assert _stage_all(store, results) == ["already-staged"] * 3  # a re-executed task writes nothing
+    report = publishing.publish(store)
+    assert (report.runs_added, report.epochs_added, report.commits) == (3, 12, 2)
+    assert _counts(store) == (3, 12) and staged_units(store) == []
+    # publishing again, and staging the same runs again, adds nothing
+    assert publishing.publish(store).runs_added == 0
+    _stage_all(store, results)
+    again = publishing.publish(store)
+    assert (again.runs_added, again.epochs_added) == (0, 0)
+    assert _counts(store) == (3, 12)
+    assert done_run_ids(store) == {r.run.run_id for r in results}
+
+
+def test_publisher_killed_between_commits_finishes_without_duplicates(tmp_path, results, monkeypatch):
+    """Regression: a publisher dying after the epochs commit must not add those epochs twice."""
+    store = open_store(tmp_path / "store")
+    _stage_all(store, results)
+    real_commit = publishing._commit
+
+    def die_before_runs(table, data, version):
+        if table.metadata().name == "runs":
+            raise KeyboardInterrupt("publisher killed")
+        real_commit(table, data, version)
+
+    monkeypatch.setattr(publishing, "_commit", die_before_runs)
+    with pytest.raises(KeyboardInterrupt):
+        publishing.publish(store)
+    monkeypatch.setattr(publishing, "_commit", real_commit)
+    assert store.fs.exists(store.path("_publish", "pending.json"))
+    report = publishing.publish(store)
+    assert (report.runs_added, report.commits) == (3, 1)  # only the missing runs commit was made
+    assert _counts(store) == (3, 12)
+    runs = DeltaTable(store.table_uri("runs"))
+    assert runs.transaction_version(publishing.APP_ID) == 1
+
+
+def test_result_breaking_the_schema_is_quarantined_not_published(tmp_path, results):
+    store = open_store(tmp_path / "store")
+    good, bad = results[0], results[1]
+    epochs = epochs_table([bad])
+    # a "complete" run with a NaN loss and an accuracy above 1 breaks the contract twice
+    loss = epochs.column("test_loss").to_numpy().copy()
+    loss[2] = np.nan
+    accuracy = np.full(epochs.num_rows, 1.5, dtype=np.float32)
+    epochs = epochs.set_column(
+        epochs.schema.get_field_index("test_loss"), epochs.schema.field("test_loss"), pyarrow.array(loss)
+    )
+    epochs = epochs.set_column(
+        epochs.schema.get_field_index("test_accuracy"), epochs.schema.field("test_accuracy"), pyarrow.array(accuracy)
+    )
+    outcome = stage_result(store, bad.run.run_id, runs_table([bad]), epochs)
+    assert outcome.status == "quarantined" and outcome.problems >= 2
+    stage_result(store, good.run.run_id, runs_table([good]), epochs_table([good]))
+    publishing.publish(store)
+    runs = DeltaTable(store.table_uri("runs")).to_pyarrow_table()
+    assert runs.column("run_id").to_pylist() == [good.run.run_id]
+    assert quarantined_units(store) == [bad.run.run_id]
+    report = json.loads(store.fs.cat_file(store.path("quarantine", bad.run.run_id, "report.json")))
+    checks = {p["check"] for p in report}
+    assert "finite_unless_diverged" in checks and any("accuracy" in c for c in checks)
+
+
+def test_wrong_arrow_type_is_quarantined(tmp_path, results):
+    store = open_store(tmp_path / "store")
+    r = results[2]
+    epochs = epochs_table([r])
+    epochs = epochs.set_column(3, pyarrow.field("epoch", pyarrow.int64()), pc.cast(epochs["epoch"], pyarrow.int64()))
+    assert stage_result(store, r.run.run_id, runs_table([r]), epochs).status == "quarantined"
+
+
+@pytest.mark.s3
+def test_publish_on_s3_is_exactly_once(s3_env, results):
+    store = open_store(f"s3://{s3_env.bucket}/publish-test")
+    _stage_all(store, results)
+    first = publishing.publish(store)
+    assert (first.runs_added, first.epochs_added) == (3, 12)
+    _stage_all(store, results)
+    assert publishing.publish(store).runs_added == 0
+    assert _counts(store) == (3, 12)
