@@ -33,7 +33,7 @@ StoreOpt = Annotated[str, typer.Option("--store", help="A folder or s3://bucket/
 
 
 def _duration(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= 2 * size:
             return f"{seconds / size:,.1f} {unit}"
     return f"{seconds:.0f} seconds"
@@ -63,7 +63,7 @@ def plan(
     store: Annotated[str | None, typer.Option("--store", help="Also count what this store holds.")] = None,
 ) -> None:
     """Print a sweep's experiments, runs and epochs, and an estimate of its cost. Runs nothing."""
-    from butter_pipeline.plan import done_run_ids, estimated_seconds, make_plan
+    from butter_pipeline.plan import done_run_ids, make_plan
     from butter_pipeline.sweep import load_spec
 
     try:
@@ -71,15 +71,19 @@ def plan(
         done = done_run_ids(_reachable(store)) if store else set()
     except ButterError as exc:
         _fail(exc)
-    result = make_plan(spec, done)
-    seconds = sum(estimated_seconds(run) for run in result.todo)
+    result = make_plan(spec, done, materialize=False)
     out.print(
         f"sweep {spec.name}: {result.experiments:,} experiments, {result.runs:,} runs, {result.epochs:,} run-epochs"
     )
+    if result.rejected_experiments:
+        out.print(
+            f"  of which {result.rejected_experiments:,} experiments have no network within 20 % of their size:"
+            " their runs are recorded as rejected, not trained"
+        )
     if store:
-        out.print(f"already in {store}: {result.done:,} runs; to train: {len(result.todo):,}")
+        out.print(f"already in {store}: {result.done:,} runs; to train: {result.todo_runs:,}")
     out.print(
-        f"estimate: about {_duration(seconds)} of CPU-core time with the reference trainer "
+        f"estimate: about {_duration(result.todo_seconds)} of CPU-core time with the reference trainer "
         "(cost model in docs/performance.md)"
     )
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 
+from butter_pipeline.ids import run_id, seed_of
+from butter_pipeline.nets import layout_for
 from butter_pipeline.publish import published_run_ids
 from butter_pipeline.stage import read_staged, staged_units
 from butter_pipeline.store import Store
-from butter_pipeline.sweep import Run, SweepSpec, expand, plan_runs
-from butter_pipeline.tasks import manifest
+from butter_pipeline.sweep import Experiment, Run, SweepSpec, expand
+from butter_pipeline.tasks import load_task, manifest
 
 MAX_RUNS_PER_CHUNK = 64
 
@@ -23,9 +26,15 @@ MAX_RUNS_PER_CHUNK = 64
 class SweepPlan:
     experiments: int
     runs: int
-    epochs: int
+    epochs: int  # run-epochs of the whole sweep
     done: int  # runs already published or staged
-    todo: list[Run]
+    rejected_experiments: int  # experiments whose closest network is more than 20 % off target
+    todo_seconds: float  # estimated single-core seconds for the runs still to train
+    todo: list[Run]  # the runs to train (empty when planned with ``materialize=False``)
+
+    @property
+    def todo_runs(self) -> int:
+        return self.runs - self.done
 
 
 def done_run_ids(store: Store) -> set[str]:
@@ -48,28 +57,51 @@ def task_rows(dataset: str) -> int:
     return sum(e.rows for e in entries if e.features) if dataset == "mnist" else entries[0].rows
 
 
-def estimated_seconds(run: Run) -> float:
-    """Rough single-core seconds to train ``run``: steps x step cost + 6 P x examples (+ evaluation) / rate."""
-    spec = run.experiment
-    rows = task_rows(spec.dataset)
-    train_rows = rows - math.ceil(spec.test_split * rows)
-    steps = math.ceil(train_rows / spec.batch_size)
-    flops = 6.0 * spec.size * train_rows + 2.0 * spec.size * rows
-    return spec.epochs * (steps * STEP_SECONDS + flops / FLOPS_PER_SECOND)
+def estimated_seconds(experiment: Experiment) -> float:
+    """Rough single-core seconds to train one run: steps x step cost + 6 P x examples (+ evaluation) / rate."""
+    rows = task_rows(experiment.dataset)
+    train_rows = rows - math.ceil(experiment.test_split * rows)
+    steps = math.ceil(train_rows / experiment.batch_size)
+    flops = 6.0 * experiment.size * train_rows + 2.0 * experiment.size * rows
+    return experiment.epochs * (steps * STEP_SECONDS + flops / FLOPS_PER_SECOND)
 
 
-def make_plan(spec: SweepSpec, done: set[str], *, max_runs: int | None = None) -> SweepPlan:
-    """Expand ``spec``, drop the runs in ``done``, keep at most ``max_runs`` of the rest (in grid order)."""
-    experiments = sum(1 for _ in expand(spec))
-    todo, total, epochs, already = [], 0, 0, 0
-    for run in plan_runs(spec):
-        total += 1
-        epochs += run.experiment.epochs
-        if run.run_id in done:
-            already += 1
-        elif max_runs is None or len(todo) < max_runs:
-            todo.append(run)
-    return SweepPlan(experiments=experiments, runs=total, epochs=epochs, done=already, todo=todo)
+@cache
+def _conformant(dataset: str, shape: str, size: int, depth: int) -> bool:
+    task = load_task(dataset)
+    return layout_for(shape, size, depth, task.n_in, task.n_out).conformant
+
+
+def make_plan(spec: SweepSpec, done: set[str], *, max_runs: int | None = None, materialize: bool = True) -> SweepPlan:
+    """Expand ``spec`` and drop the runs in ``done``; keep at most ``max_runs`` of the rest, in grid order.
+
+    With ``materialize=False`` only the counts are computed (fast enough for BUTTER's largest sweeps).
+    """
+    experiments = epochs = runs = already = rejected = 0
+    seconds = 0.0
+    todo: list[Run] = []
+    reps = spec.repetitions
+    for experiment in expand(spec):
+        experiments += 1
+        runs += reps
+        epochs += reps * experiment.epochs
+        conformant = _conformant(experiment.dataset, experiment.shape, experiment.size, experiment.depth)
+        rejected += not conformant
+        exp_id = experiment.experiment_id
+        missing = 0
+        if done or materialize:
+            for repetition in range(reps):
+                rid = run_id(exp_id, repetition)
+                if rid in done:
+                    already += 1
+                    continue
+                missing += 1
+                if materialize and (max_runs is None or len(todo) < max_runs):
+                    todo.append(Run(experiment, exp_id, repetition, rid, seed_of(rid), spec.name))
+        else:
+            missing = reps
+        seconds += missing * estimated_seconds(experiment) if conformant else 0.0  # rejected: not trained
+    return SweepPlan(experiments, runs, epochs, already, rejected, seconds, todo)
 
 
 def chunk_runs(runs: Iterable[Run], *, workers: int) -> list[list[Run]]:
@@ -78,7 +110,7 @@ def chunk_runs(runs: Iterable[Run], *, workers: int) -> list[list[Run]]:
     Runs are dealt heaviest first to the lightest chunk (longest-processing-time rule) so that chunks
     finish together; runs of one dataset tend to share a chunk, so a worker loads few datasets.
     """
-    ordered = sorted(runs, key=lambda r: (-estimated_seconds(r), r.experiment.dataset, r.run_id))
+    ordered = sorted(runs, key=lambda r: (-estimated_seconds(r.experiment), r.experiment.dataset, r.run_id))
     if not ordered:
         return []
     count = max(min(len(ordered), 4 * max(workers, 1)), -(-len(ordered) // MAX_RUNS_PER_CHUNK))
@@ -87,5 +119,5 @@ def chunk_runs(runs: Iterable[Run], *, workers: int) -> list[list[Run]]:
     for run in ordered:
         lightest = min(range(count), key=lambda i: (loads[i], len(chunks[i])))
         chunks[lightest].append(run)
-        loads[lightest] += estimated_seconds(run)
+        loads[lightest] += estimated_seconds(run.experiment)
     return [chunk for chunk in chunks if chunk]

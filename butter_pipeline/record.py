@@ -12,7 +12,9 @@ import pyarrow
 import torch
 
 from butter_pipeline.ids import canonical_json
+from butter_pipeline.membership import butter_sweeps_of
 from butter_pipeline.schemas import EPOCHS_SCHEMA, METRIC_COLUMNS, RUNS_SCHEMA, SCHEMA_VERSION
+from butter_pipeline.sweep import Run
 from butter_pipeline.train import RunResult
 
 
@@ -23,6 +25,12 @@ def butter_version() -> str:
         return "unknown"
 
 
+def sweeps_of(run: Run) -> list[str]:
+    """BUTTER's sweeps the run's experiment belongs to, then the sweep it was trained for."""
+    names = butter_sweeps_of(run.experiment)
+    return names if run.sweep in names else [*names, run.sweep]
+
+
 def _run_row(result: RunResult, host: str, versions: dict[str, str]) -> dict[str, object]:
     run, spec, task, layout = result.run, result.run.experiment, result.task, result.layout
     regularizer = spec.kernel_regularizer
@@ -31,7 +39,7 @@ def _run_row(result: RunResult, host: str, versions: dict[str, str]) -> dict[str
         "experiment_id": run.experiment_id,
         "repetition": run.repetition,
         "seed": run.seed,
-        "sweeps": [run.sweep],
+        "sweeps": sweeps_of(run),
         "dataset": spec.dataset,
         "task_type": task.task_type,
         "shape": spec.shape,

@@ -21,6 +21,7 @@ import itertools
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -95,13 +96,13 @@ class Grid(BaseModel):
 
 
 class SweepSpec(BaseModel):
-    """A whole sweep: a name, a grid and how many repetitions each grid point gets."""
+    """A whole sweep: a name, one grid (``[grid]``) or a union of grids (``[[grid]]``), and repetitions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: str = ""
     repetitions: Annotated[int, Field(ge=1, le=10_000)] = 30
-    grid: Grid
+    grid: Annotated[list[Grid], Field(min_length=1)]
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class Experiment:
             "test_split": float(self.test_split),
         }
 
-    @property
+    @cached_property
     def experiment_id(self) -> str:
         return experiment_id(self.config())
 
@@ -162,17 +163,17 @@ _AXES = tuple(Grid.model_fields)  # expansion order; ids never depend on it
 
 
 def expand(spec: SweepSpec) -> Iterator[Experiment]:
-    """Yield the grid's experiments (the Cartesian product of its axes), without duplicates."""
+    """Yield the experiments of the sweep's grids (each the Cartesian product of its axes), each once."""
     seen: set[str] = set()
-    axes = [getattr(spec.grid, name) for name in _AXES]
-    for values in itertools.product(*axes):
-        experiment = Experiment(**dict(zip(_AXES, values, strict=True)))
-        if experiment.optimizer == "adam" and experiment.momentum != 0.0:
-            continue  # Adam has no momentum parameter: such points would duplicate the momentum-0 one
-        key = experiment.experiment_id
-        if key not in seen:
-            seen.add(key)
-            yield experiment
+    for grid in spec.grid:
+        for values in itertools.product(*(getattr(grid, name) for name in _AXES)):
+            experiment = Experiment(**dict(zip(_AXES, values, strict=True)))
+            if experiment.optimizer == "adam" and experiment.momentum != 0.0:
+                continue  # Adam has no momentum parameter: such points would duplicate the momentum-0 one
+            key = experiment.experiment_id
+            if key not in seen:
+                seen.add(key)
+                yield experiment
 
 
 def plan_runs(spec: SweepSpec) -> Iterator[Run]:
@@ -204,16 +205,21 @@ def _format_location(loc: tuple[Any, ...]) -> str:
 
 def parse_spec(data: dict[str, Any], *, source: str) -> SweepSpec:
     """Check a decoded TOML document against the model; errors name ``source``, the key and the rule."""
+    single_grid = isinstance(data.get("grid"), dict)
+    if single_grid:
+        data = {**data, "grid": [data["grid"]]}
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
-            where = _format_location(error["loc"])
+            loc = error["loc"]
+            if single_grid and loc[:2] == ("grid", 0):
+                loc = ("grid", *loc[2:])  # a [grid] table: no index to show
+            where = _format_location(loc)
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
-                parent = error["loc"][:-1]
-                model = Grid if parent == ("grid",) else SweepSpec
+                model = Grid if loc[0] == "grid" and len(loc) > 1 else SweepSpec
                 message = f"unknown key; allowed: {', '.join(model.model_fields)}"
             elif error["type"] not in {"value_error", "missing"}:
                 message += f" (got {error.get('input')!r})"

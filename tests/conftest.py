@@ -91,32 +91,37 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         stderr=subprocess.STDOUT,
     )
     server = S3Server(f"http://127.0.0.1:{ports['s3']}", key, secret, bucket)
+    try:
+        _wait_until_ready(server, proc, folder)
+        yield server
+    finally:  # also when start-up failed: never leave a server behind
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def _wait_until_ready(server: S3Server, proc: subprocess.Popen, folder: Path) -> None:
     import s3fs
 
     deadline = time.monotonic() + 60
     while True:
         try:
             fs = s3fs.S3FileSystem(
-                key=key,
-                secret=secret,
+                key=server.access_key,
+                secret=server.secret_key,
                 skip_instance_cache=True,
                 client_kwargs={"endpoint_url": server.endpoint, "region_name": "us-east-1"},
             )
-            fs.ls(bucket, refresh=True)
-            break
+            fs.ls(server.bucket, refresh=True)
+            return
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
                 pytest.fail(f"SeaweedFS did not start: {(folder / 'weed.log').read_text()[-2000:]}")
             time.sleep(0.3)
-    yield server
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-    log.close()
 
 
 @pytest.fixture

@@ -123,6 +123,24 @@ def test_embedded_default_runs_without_a_prefect_server(tmp_path):
     assert runs.to_pyarrow_table().num_rows == 2 and epochs.to_pyarrow_table().num_rows == 40
 
 
+@pytest.mark.integration
+def test_run_on_an_existing_dask_scheduler(tmp_path, prefect_api_url, monkeypatch):
+    from distributed import LocalCluster
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)  # the workers spawned below inherit it
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        store = tmp_path / "store"
+        result = butter(
+            "run", "smoke", "--store", str(store), "--max-runs", "2", "--dask-address", cluster.scheduler_address
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "published 2 runs (40 epoch rows" in result.stdout
+    runs, _ = _tables(str(store))
+    assert runs.to_pyarrow_table().num_rows == 2
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -69,3 +69,28 @@ def test_glorot_uniform_init_and_zero_bias():
     limit = (6.0 / (100 + first.weight.shape[0])) ** 0.5
     assert first.weight.abs().max() <= limit and first.weight.abs().max() > 0.9 * limit
     assert all((layer.bias == 0).all() for layer in model.layers)
+
+
+def test_every_shape_depth_and_core_size_is_conformant_or_rejected_for_every_task():
+    """BUTTER's grid (8 shapes, depths 2..20, sizes 2^5..2^24) on all 13 tasks' real input/output widths.
+
+    Each layout is internally consistent, and only small targets can miss by more than 20 %: from 2^14
+    parameters on, every shape at every depth lands within 20 % for every task.
+    """
+    from butter_pipeline.tasks import DATASETS, load_task
+
+    rejected = 0
+    for dataset in DATASETS:
+        task = load_task(dataset)
+        for shape in SHAPES:
+            for depth in range(2, 21):
+                for exponent in range(5, 25):
+                    layout = layout_for(shape, 2**exponent, depth, task.n_in, task.n_out)
+                    assert len(layout.widths) == depth and layout.widths[-1] == task.n_out
+                    assert min(layout.widths) >= 1
+                    assert layout.num_parameters == count_parameters(list(layout.widths), task.n_in)
+                    assert layout.conformant == (abs(layout.relative_size_error) <= 0.2)
+                    if not layout.conformant:
+                        rejected += 1
+                        assert exponent <= 13, (dataset, shape, depth, exponent, layout.widths)
+    assert 0 < rejected < 13 * 8 * 19 * 20 // 5

@@ -108,9 +108,9 @@ def test_presets_load_and_smoke_matches_its_promise():
     runs = list(plan_runs(smoke))
     from butter_pipeline.tasks import load_task
 
-    kinds = {load_task(d).kind for d in smoke.grid.dataset}
+    kinds = {load_task(d).kind for d in smoke.grid[0].dataset}
     assert kinds == {"regression", "binary", "multiclass"}
-    assert len(smoke.grid.size) == 2 and smoke.grid.depth == [3] and smoke.repetitions == 2
+    assert len(smoke.grid[0].size) == 2 and smoke.grid[0].depth == [3] and smoke.repetitions == 2
     assert len(runs) == 12 and all(r.experiment.epochs == 20 for r in runs)
 
 

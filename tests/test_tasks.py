@@ -140,3 +140,15 @@ def test_download_with_right_checksum_lands_in_the_cache(tmp_path: Path):
     entry = _fake_entry(tmp_path, payload, url=source.as_uri())
     path = resolve_file(entry, home=tmp_path / "cache")
     assert path == tmp_path / "cache" / "toy" / "toy.tsv.gz" and path.read_bytes() == payload
+
+
+def test_task_widths_are_the_ones_the_data_contract_documents():
+    readme = (Path(__file__).resolve().parents[1] / "schemas" / "README.md").read_text()
+    section = readme.split("## Task widths", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    documented = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+    assert sorted(documented) == sorted(DATASETS)
+    for name, (rows_text, n_in, n_out, task_type, loss) in documented.items():
+        task = load_task(name)
+        actual = [f"{len(task.x):,}", str(task.n_in), str(task.n_out), task.task_type, task.loss_name]
+        assert actual == [rows_text, n_in, n_out, task_type, loss], name

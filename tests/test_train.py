@@ -128,3 +128,13 @@ def test_metrics_follow_keras_definitions():
     assert cosine == pytest.approx(float((p[:, 0] / p.norm(dim=1)).sum()), rel=1e-6)
     assert kld == pytest.approx(float(-torch.log(p[:, 0]).sum()), rel=1e-5)
     assert msle > 0
+
+
+@pytest.mark.parametrize(
+    ("dataset", "kind"), [("529_pollen", "regression"), ("adult", "binary"), ("wine_quality_white", "multiclass")]
+)
+def test_a_short_run_of_each_task_kind_learns(dataset, kind):
+    run = _runs(dataset=dataset, size=2048, epochs=20, learning_rate=1e-3)[0]
+    result = train_run(run)
+    assert result.task.kind == kind and result.status == "complete"
+    assert result.history["test_loss"][-1] < result.history["test_loss"][0]
