@@ -1,23 +1,26 @@
-"""What a worker does with a chunk of runs: train each, record it, validate it and stage it.
+"""What a worker does with a chunk of runs: train them (stacked where they share an architecture), record,
+validate and stage each trained group.
 
 Plain Python with no orchestrator import: the Prefect task in ``flows/`` calls ``run_chunk`` on a Dask
-worker, and tests call it directly. A run already staged (a re-executed task) is skipped.
+worker, and tests call it directly. A staged unit holds one trained group; its id is a hash of its run
+ids, so a re-executed task (Dask re-runs the tasks of a dead worker) finds it staged and trains nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
-from datetime import UTC, datetime
 
 import torch
 
 from butter_pipeline.record import epochs_table, runs_table
-from butter_pipeline.stage import is_staged, stage_result
-from butter_pipeline.store import open_store
+from butter_pipeline.stage import StageOutcome, is_staged, stage_result
+from butter_pipeline.store import Store, open_store
 from butter_pipeline.sweep import Run
-from butter_pipeline.tasks import load_task
-from butter_pipeline.train import RunResult, failed_result, train_run
+from butter_pipeline.train import RunResult
+from butter_pipeline.validate import find_problems
+from butter_pipeline.vtrain import group_runs, train_runs
 
 
 def _set_threads(threads: int | None) -> None:
@@ -27,27 +30,41 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(chosen)
 
 
-def train_safely(run: Run) -> RunResult:
-    """Train ``run``; an exception inside training is recorded as a ``failed`` run, not raised."""
-    started = datetime.now(UTC)
-    task = load_task(run.experiment.dataset)  # a missing or corrupt dataset file is the user's to fix: raise
-    try:
-        return train_run(run, task)
-    except (RuntimeError, ValueError, ArithmeticError, MemoryError) as exc:
-        return failed_result(run, task, exc, started)
+def unit_id(runs: list[Run]) -> str:
+    """The staged unit's name: stable for the same set of runs."""
+    ids = ",".join(sorted(run.run_id for run in runs))
+    return "u" + hashlib.sha256(ids.encode()).hexdigest()[:23]
+
+
+def stage_results(store: Store, unit: str, results: list[RunResult]) -> list[StageOutcome]:
+    """Stage ``results`` as one unit; results that break the contract are quarantined one by one."""
+    runs, epochs = runs_table(results), epochs_table(results)
+    if not find_problems(runs, epochs):
+        return [stage_result(store, unit, runs, epochs)]
+    outcomes, good = [], []
+    for result in results:  # find the culprits; the rest is still staged together
+        single_runs, single_epochs = runs_table([result]), epochs_table([result])
+        if find_problems(single_runs, single_epochs):
+            outcomes.append(stage_result(store, result.run.run_id, single_runs, single_epochs))
+        else:
+            good.append(result)
+    if good:
+        outcomes.append(stage_result(store, unit_id([r.run for r in good]), runs_table(good), epochs_table(good)))
+    return outcomes
 
 
 def run_chunk(store_uri: str, runs: list[Run], *, threads: int | None = None) -> dict[str, int]:
-    """Train, validate and stage every run of a chunk; returns counts by outcome and by run status."""
+    """Train, validate and stage every run of a chunk; returns counts of runs by outcome and by status."""
     _set_threads(threads)
     store = open_store(store_uri, create=False)
     counts: Counter[str] = Counter()
-    for run in runs:
-        if is_staged(store, run.run_id):
-            counts["already-staged"] += 1
+    for group in group_runs(runs):
+        unit = unit_id(group)
+        if is_staged(store, unit):
+            counts["already-staged"] += len(group)
             continue
-        result = train_safely(run)
-        outcome = stage_result(store, run.run_id, runs_table([result]), epochs_table([result]))
-        counts[outcome.status] += 1
-        counts[f"status:{result.status}"] += 1
+        results = train_runs(group)
+        for outcome in stage_results(store, unit, results):
+            counts[outcome.status] += outcome.runs
+        counts.update(f"status:{result.status}" for result in results)
     return dict(counts)

@@ -36,12 +36,17 @@ def activate(logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def data_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean over the batch of the per-sample loss (MSE, binary or categorical cross-entropy)."""
+    """Mean over the samples (dim -2) of the per-sample loss (MSE, binary or categorical cross-entropy).
+
+    ``logits`` and ``y`` are [n, k] (a scalar results) or [R, n, k] for R stacked models (shape [R]).
+    """
     if kind == "regression":
-        return (torch.sigmoid(logits) - y).square().mean()
-    if kind == "binary":
-        return F.binary_cross_entropy_with_logits(logits, y)
-    return -(y * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+        per_sample = (torch.sigmoid(logits) - y).square().mean(dim=-1)
+    elif kind == "binary":
+        per_sample = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=-1)
+    else:
+        per_sample = -(y * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return per_sample.mean(dim=-1)
 
 
 def kernel_penalty(kernels: list[torch.Tensor], regularizer: str | None, strength: float) -> torch.Tensor:
@@ -54,7 +59,10 @@ def kernel_penalty(kernels: list[torch.Tensor], regularizer: str | None, strengt
 
 
 def sample_sums(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    """Sums over the batch of each metric in ``SAMPLE_METRICS``: float64 tensor [len(SAMPLE_METRICS)]."""
+    """Sums over the samples (dim -2) of each metric in ``SAMPLE_METRICS``.
+
+    float64 [len(SAMPLE_METRICS)] for [n, k] inputs, [len(SAMPLE_METRICS), R] for R stacked models.
+    """
     p = activate(logits, kind)
     if p.shape[-1] == 1:  # Keras's 'accuracy' on one output is binary accuracy at threshold 0.5
         accuracy = ((p > 0.5).to(y.dtype) == y).to(p.dtype).mean(dim=-1)
@@ -64,8 +72,9 @@ def sample_sums(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tenso
     mse = error.square().mean(dim=-1)
     mae = error.abs().mean(dim=-1)
     msle = (torch.log1p(p.clamp_min(EPSILON)) - torch.log1p(y.clamp_min(EPSILON))).square().mean(dim=-1)
-    # Keras's hinge converts 0/1 labels to -1/+1 when every label in the batch is 0 or 1.
-    signed = 2.0 * y - 1.0 if bool(((y == 0) | (y == 1)).all()) else y
+    # Keras's hinge converts 0/1 labels to -1/+1 when every label in the batch is 0 or 1 (per model).
+    all_01 = ((y == 0) | (y == 1)).flatten(start_dim=-2).all(dim=-1)
+    signed = torch.where(all_01[..., None, None], 2.0 * y - 1.0, y)
     margin = (1.0 - signed * p).clamp_min(0.0)
     hinge = margin.mean(dim=-1)
     squared_hinge = margin.square().mean(dim=-1)
@@ -73,7 +82,7 @@ def sample_sums(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tenso
     y_c, p_c = y.clamp(EPSILON, 1.0), p.clamp(EPSILON, 1.0)
     kld = (y_c * torch.log(y_c / p_c)).sum(dim=-1)
     stacked = torch.stack([accuracy, mse, mae, msle, hinge, squared_hinge, cosine, kld])
-    return stacked.sum(dim=1, dtype=torch.float64)
+    return stacked.sum(dim=-1, dtype=torch.float64)
 
 
 def epoch_values(loss_sum: float, sums: torch.Tensor, count: int) -> dict[str, float]:

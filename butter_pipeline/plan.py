@@ -18,6 +18,7 @@ from butter_pipeline.stage import read_staged, staged_units
 from butter_pipeline.store import Store
 from butter_pipeline.sweep import Experiment, Run, SweepSpec, expand
 from butter_pipeline.tasks import load_task, manifest
+from butter_pipeline.vtrain import group_runs
 
 MAX_RUNS_PER_CHUNK = 64
 
@@ -105,19 +106,21 @@ def make_plan(spec: SweepSpec, done: set[str], *, max_runs: int | None = None, m
 
 
 def chunk_runs(runs: Iterable[Run], *, workers: int) -> list[list[Run]]:
-    """Cut runs into balanced chunks: about four per worker, each at most ``MAX_RUNS_PER_CHUNK`` runs.
+    """Cut runs into balanced chunks of whole stacked-model groups: about four chunks per worker.
 
-    Runs are dealt heaviest first to the lightest chunk (longest-processing-time rule) so that chunks
-    finish together; runs of one dataset tend to share a chunk, so a worker loads few datasets.
+    Groups (runs that train as one stacked model) are dealt heaviest first to the lightest chunk
+    (longest-processing-time rule) so that chunks finish together; a group is never split across chunks.
     """
-    ordered = sorted(runs, key=lambda r: (-estimated_seconds(r.experiment), r.experiment.dataset, r.run_id))
-    if not ordered:
+    groups = group_runs(runs)
+    if not groups:
         return []
-    count = max(min(len(ordered), 4 * max(workers, 1)), -(-len(ordered) // MAX_RUNS_PER_CHUNK))
+    total_runs = sum(len(g) for g in groups)
+    count = min(len(groups), max(4 * max(workers, 1), -(-total_runs // MAX_RUNS_PER_CHUNK)))
+    cost = {id(g): estimated_seconds(g[0].experiment) * len(g) for g in groups}
     chunks: list[list[Run]] = [[] for _ in range(count)]
     loads = [0.0] * count
-    for run in ordered:
+    for group in sorted(groups, key=lambda g: (-cost[id(g)], g[0].run_id)):
         lightest = min(range(count), key=lambda i: (loads[i], len(chunks[i])))
-        chunks[lightest].append(run)
-        loads[lightest] += estimated_seconds(run.experiment)
+        chunks[lightest].extend(group)
+        loads[lightest] += cost[id(group)]
     return [chunk for chunk in chunks if chunk]

@@ -73,6 +73,7 @@ def _run_row(result: RunResult, host: str, versions: dict[str, str]) -> dict[str
         "train_seconds": result.train_seconds,
         "eval_seconds": result.eval_seconds,
         "device": result.device,
+        "vector_width": result.vector_width,
         "host": host,
         **versions,
         "schema_version": SCHEMA_VERSION,

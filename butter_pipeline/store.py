@@ -7,7 +7,7 @@ such as SeaweedFS, ``AWS_REGION``); they are passed to s3fs and delta-rs and nev
 Layout under the store::
 
     runs/  epochs/    Delta tables (published)
-    staging/<unit>/   immutable staged results: epochs.parquet, then runs.parquet (written last)
+    staging/<unit>/   immutable staged results of one trained group: epochs.parquet, then runs.parquet (last)
     quarantine/<unit>/  results that broke the data contract, with report.json
     _publish/         the publisher's in-flight commit record
 """

@@ -48,6 +48,7 @@ class RunResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     device: str = "cpu"
+    vector_width: int = 1  # runs trained together in one stacked model (1: alone)
 
     @property
     def epochs_recorded(self) -> int:

@@ -15,7 +15,7 @@ from pandera.typing import Series
 
 from butter_pipeline.metrics import METRICS
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 PARTITION_COLUMNS = ("dataset",)
 RUN_STATUSES = ("complete", "diverged", "rejected", "failed")
 METRIC_COLUMNS: tuple[str, ...] = tuple(f"{side}_{m}" for side in ("train", "test") for m in METRICS)
@@ -61,6 +61,7 @@ RUNS_SCHEMA = pyarrow.schema(
         pyarrow.field("train_seconds", pyarrow.float64(), nullable=False),
         pyarrow.field("eval_seconds", pyarrow.float64(), nullable=False),
         pyarrow.field("device", pyarrow.string(), nullable=False),
+        pyarrow.field("vector_width", pyarrow.int32(), nullable=False),
         pyarrow.field("host", pyarrow.string(), nullable=False),
         pyarrow.field("butter_version", pyarrow.string(), nullable=False),
         pyarrow.field("torch_version", pyarrow.string(), nullable=False),
@@ -125,6 +126,7 @@ class RunsTable(pa.DataFrameModel):
     train_seconds: Series[np.float64] = pa.Field(ge=0)
     eval_seconds: Series[np.float64] = pa.Field(ge=0)
     device: Series[str]
+    vector_width: Series[np.int32] = pa.Field(ge=1)
     host: Series[str]
     butter_version: Series[str]
     torch_version: Series[str]
