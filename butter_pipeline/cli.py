@@ -96,20 +96,21 @@ def _reachable(uri: str) -> Store:
 
 def _watch_staging(store: Store, total: int, stop: threading.Event) -> None:
     """Show training progress from the store itself: runs staged or quarantined since the start."""
-    from butter_pipeline.stage import quarantined_units, staged_units
+    from butter_pipeline.stage import staged_run_count, units_in
 
-    before = set(staged_units(store)) | set(quarantined_units(store))
+    before = units_in(store)
+    counted: dict[tuple[str, str], int] = {}
     with Progress(
         TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
     ) as progress:
         bar = progress.add_task("runs", total=total)
-        seen: set[str] = set()
         while not stop.wait(1.0):
             try:
-                seen |= (set(staged_units(store)) | set(quarantined_units(store))) - before
+                for unit in units_in(store) - before - counted.keys():
+                    counted[unit] = staged_run_count(store, *unit)
             except OSError:
-                continue  # a listing that races the publisher's clean-up; the next poll catches up
-            progress.update(bar, completed=min(len(seen), total))
+                continue  # a listing or read that raced the publisher's clean-up; the next poll catches up
+            progress.update(bar, completed=min(sum(counted.values()), total))
 
 
 @app.command()
@@ -130,16 +131,17 @@ def run(
     try:
         spec = load_spec(sweep)
         target = _reachable(store)
-        planned = make_plan(spec, done_run_ids(target), max_runs=max_runs)
+        planned = make_plan(spec, done_run_ids(target), materialize=False)  # counts only; the flow plans again
     except ButterError as exc:
         _fail(exc)
+    to_train = planned.todo_runs if max_runs is None else min(planned.todo_runs, max_runs)
     err.print(
-        f"{spec.name}: {planned.runs} runs, {planned.done} already in the store, training {len(planned.todo)}",
+        f"{spec.name}: {planned.runs} runs, {planned.done} already in the store, training {to_train}",
         highlight=False,
     )
     apply_prefect_defaults(quiet=not verbose)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_staging, args=(target, len(planned.todo), stop), daemon=True)
+    watcher = threading.Thread(target=_watch_staging, args=(target, to_train, stop), daemon=True)
     watcher.start()
     try:
         summary = run_sweep_flow(

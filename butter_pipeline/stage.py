@@ -81,6 +81,17 @@ def quarantined_units(store: Store) -> list[str]:
     return sorted(path.rstrip("/").split("/")[-2] for path in store.fs.glob(pattern))
 
 
+def units_in(store: Store) -> set[tuple[str, str]]:
+    """(folder, unit id) of every complete staged or quarantined unit."""
+    return {(STAGING, u) for u in staged_units(store)} | {(QUARANTINE, u) for u in quarantined_units(store)}
+
+
+def staged_run_count(store: Store, folder: str, unit_id: str) -> int:
+    """Runs in a staged or quarantined unit, from its Parquet footer (reads no data)."""
+    with store.fs.open(store.path(folder, unit_id, RUNS_FILE), "rb") as handle:
+        return pq.read_metadata(handle).num_rows
+
+
 def read_staged(store: Store, unit_id: str) -> tuple[pyarrow.Table, pyarrow.Table]:
     """(runs, epochs) of a staged unit."""
     tables = []

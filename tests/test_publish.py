@@ -119,3 +119,30 @@ def test_publish_on_s3_is_exactly_once(s3_env, results):
     _stage_all(store, results)
     assert publishing.publish(store).runs_added == 0
     assert _counts(store) == (3, 12)
+
+
+def test_a_trained_group_is_one_unit_and_a_bad_member_is_quarantined_alone(tmp_path, results, monkeypatch):
+    from butter_pipeline import execute
+    from butter_pipeline.stage import staged_run_count, units_in
+    from butter_pipeline.validate import Problem
+
+    store = open_store(tmp_path / "store")
+    unit = execute.unit_id([r.run for r in results])
+    outcomes = execute.stage_results(store, unit, results)
+    assert [(o.status, o.runs) for o in outcomes] == [("staged", 3)]
+    assert units_in(store) == {("staging", unit)} and staged_run_count(store, "staging", unit) == 3
+
+    other = open_store(tmp_path / "other")
+    real = execute.find_problems
+
+    def second_run_is_bad(runs, epochs):  # the contract rejects whatever holds the second run
+        if results[1].run.run_id in runs.column("run_id").to_pylist():
+            return [Problem("runs", "run_id", "injected", "this run is declared bad by the test")]
+        return real(runs, epochs)
+
+    monkeypatch.setattr(execute, "find_problems", second_run_is_bad)
+    monkeypatch.setattr("butter_pipeline.stage.find_problems", second_run_is_bad)
+    outcomes = execute.stage_results(other, unit, results)
+    assert sorted((o.status, o.runs) for o in outcomes) == [("quarantined", 1), ("staged", 2)]
+    assert quarantined_units(other) == [results[1].run.run_id]
+    assert publishing.publish(other).runs_added == 2
