@@ -68,7 +68,7 @@ def plan(
 
     try:
         spec = load_spec(sweep)
-        done = done_run_ids(_reachable(store)) if store else set()
+        done = done_run_ids(_reachable(store, create=False)) if store else set()  # plan writes nothing
     except ButterError as exc:
         _fail(exc)
     result = make_plan(spec, done, materialize=False)
@@ -88,8 +88,8 @@ def plan(
     )
 
 
-def _reachable(uri: str) -> Store:
-    store = open_store(uri)
+def _reachable(uri: str, *, create: bool = True) -> Store:
+    store = open_store(uri, create=create)
     check_reachable(store)
     return store
 
@@ -123,13 +123,15 @@ def run(
     verbose: Annotated[bool, typer.Option(help="Show Prefect's and Dask's logs.")] = False,
 ) -> None:
     """Train the runs of SWEEP that the store lacks, and publish them as Delta tables."""
-    from butter_pipeline.orchestrate import apply_prefect_defaults, run_sweep_flow
+    from butter_pipeline.orchestrate import apply_prefect_defaults, check_scheduler, run_sweep_flow
     from butter_pipeline.plan import done_run_ids, make_plan
     from butter_pipeline.sweep import load_spec
 
     started = time.perf_counter()
     try:
         spec = load_spec(sweep)
+        if dask_address:
+            check_scheduler(dask_address)  # before anything is created in the store
         target = _reachable(store)
         planned = make_plan(spec, done_run_ids(target), materialize=False)  # counts only; the flow plans again
     except ButterError as exc:

@@ -27,6 +27,10 @@ class StoreError(ButterError):
     """Raised when a store URI is malformed or the store cannot be reached with the given credentials."""
 
 
+class ClusterError(ButterError):
+    """Raised when the Dask scheduler named by an address cannot be reached."""
+
+
 class ValidationFailed(ButterError):
     """Raised when a result breaks the data contract; the result is quarantined, never published."""
 

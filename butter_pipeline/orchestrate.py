@@ -12,6 +12,8 @@ import logging
 import os
 from collections.abc import Iterator
 
+from butter_pipeline.errors import ClusterError
+
 PREFECT_DEFAULTS = {
     # Prefect's own telemetry reaches for the internet; the 20 s default start-up timeout is too short
     # for a fresh database on a 2-core machine.
@@ -52,6 +54,18 @@ def prefect_api() -> Iterator[str]:
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def check_scheduler(address: str, *, timeout_s: float = 10.0) -> None:
+    """Fail with one clear line when no Dask scheduler answers at ``address``."""
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
+    except Exception as exc:  # distributed raises OSError, TimeoutError or ValueError for bad addresses
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClusterError(f"dask scheduler {address!r}: cannot connect within {timeout_s:.0f} s ({reason})") from None
+    client.close()
 
 
 def run_sweep_flow(

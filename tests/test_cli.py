@@ -18,9 +18,11 @@ BUTTER = str(Path(sys.executable).parent / "butter")
 SMOKE_RUNS, SMOKE_EPOCHS = 12, 20
 
 
-def butter(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def butter(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [BUTTER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [BUTTER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd
     )
 
 
@@ -149,13 +151,18 @@ def test_run_on_an_existing_dask_scheduler(tmp_path, prefect_api_url, monkeypatc
         (["run", "smoke", "--store", "s3://Bad_Bucket/x"], "not a valid S3 bucket name"),
         (["plan", "missing.toml"], "missing.toml: no such sweep file"),
         (["run", "smoke", "--max-runs", "0"], "Invalid value for '--max-runs'"),
+        (
+            ["run", "smoke", "--max-runs", "1", "--dask-address", "tcp://127.0.0.1:1"],
+            "dask scheduler 'tcp://127.0.0.1:1'",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
-    result = butter(*args)
+    result = butter(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert expected in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written: not even an empty store
 
 
 @pytest.mark.s3
