@@ -11,7 +11,14 @@ staging a run twice, adds nothing.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow
@@ -27,6 +34,8 @@ from butter_pipeline.store import Store
 APP_ID = "butter-publisher"
 TABLES = {"runs": RUNS_SCHEMA, "epochs": EPOCHS_SCHEMA}
 PENDING = ("_publish", "pending.json")
+LOCK = ("_publish", "lock.json")
+STALE_LOCK_SECONDS = 6 * 3600  # a lock older than this belonged to a publisher that died; it may be broken
 MAX_UNITS_PER_COMMIT = 2048  # bounds the publisher's memory; 10,000 staged runs are a handful of commits
 
 
@@ -132,8 +141,69 @@ def _complete_batch(
     return added
 
 
+def _create_exclusive(store: Store, path: str, payload: bytes) -> bool:
+    """Write ``payload`` at ``path`` only if nothing is there (O_EXCL locally, If-None-Match on S3)."""
+    if store.is_local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path, "xb") as handle:
+                handle.write(payload)
+        except FileExistsError:
+            return False
+        return True
+    try:
+        store.fs.pipe_file(path, payload, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:  # s3fs maps a 412 that lacks its condition header (SeaweedFS) to EINVAL
+        code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+        if exc.errno == errno.EINVAL and code == "PreconditionFailed":
+            return False
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def publisher_lock(store: Store) -> Iterator[None]:
+    """Hold the store's single-publisher lock, or raise ``PublishConflict`` naming who holds it."""
+    path = store.path(*LOCK)
+    mine = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "since": time.time()}
+    payload = json.dumps(mine).encode()
+    if not _create_exclusive(store, path, payload):
+        try:
+            held = json.loads(store.fs.cat_file(path))
+        except (FileNotFoundError, ValueError):
+            held = {"owner": "unknown", "since": 0.0}  # released meanwhile, or half-written: treat as stale
+        age = time.time() - float(held.get("since", 0.0))
+        if age < STALE_LOCK_SECONDS or not _break_stale(store, path, payload):
+            raise PublishConflict(
+                f"store {store.uri}: another publisher ({held.get('owner')}) has held the lock for {age:.0f} s; "
+                f"wait for it, or delete {path} if that publisher is dead"
+            )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if json.loads(store.fs.cat_file(path)).get("owner") == mine["owner"]:
+                store.fs.rm(path)
+
+
+def _break_stale(store: Store, path: str, payload: bytes) -> bool:
+    store.fs.rm(path)
+    return _create_exclusive(store, path, payload)
+
+
 def publish(store: Store) -> PublishReport:
-    """Commit every complete staged unit into ``runs`` and ``epochs``; safe to re-run at any point."""
+    """Commit every complete staged unit into ``runs`` and ``epochs``; safe to re-run at any point.
+
+    Only one publisher works on a store at a time (a lock object under ``_publish/``); a second one
+    started meanwhile raises ``PublishConflict`` and changes nothing.
+    """
+    with publisher_lock(store):
+        return _publish_locked(store)
+
+
+def _publish_locked(store: Store) -> PublishReport:
     tables = {name: _open_or_create(store, name) for name in TABLES}
     published = published_run_ids(store)
     runs_added = epochs_added = commits = units_done = 0

@@ -146,3 +146,48 @@ def test_a_trained_group_is_one_unit_and_a_bad_member_is_quarantined_alone(tmp_p
     assert sorted((o.status, o.runs) for o in outcomes) == [("quarantined", 1), ("staged", 2)]
     assert quarantined_units(other) == [results[1].run.run_id]
     assert publishing.publish(other).runs_added == 2
+
+
+def _publish_in_child(uri: str, env: dict[str, str]) -> str:
+    """Run one publisher in a fresh (spawned) process; returns what happened to it."""
+    import os
+
+    from butter_pipeline.errors import PublishConflict
+
+    os.environ.update(env)
+    try:
+        report = publishing.publish(open_store(uri))
+    except PublishConflict:
+        return "conflict"
+    return f"published {report.runs_added}"
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_publishers_at_once_neither_duplicate_nor_lose(where, tmp_path, results, s3_env):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    uri = str(tmp_path / "store") if where == "local" else f"s3://{s3_env.bucket}/race-{tmp_path.name}"
+    store = open_store(uri)
+    _stage_all(store, results)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = list(pool.map(_publish_in_child, [store.uri] * 2, [s3_env.env()] * 2))
+    assert "published 3" in outcomes and set(outcomes) <= {"published 3", "published 0", "conflict"}
+    publishing.publish(store)  # whatever the race left staged
+    assert _counts(store) == (3, 12)
+    assert not store.fs.exists(store.path(*publishing.LOCK))
+
+
+@pytest.mark.s3
+def test_a_held_lock_refuses_a_second_publisher_and_a_stale_one_is_broken(tmp_path, results, s3_env):
+    from butter_pipeline.errors import PublishConflict
+
+    store = open_store(f"s3://{s3_env.bucket}/lock-{tmp_path.name}")
+    _stage_all(store, results)
+    with publishing.publisher_lock(store):
+        with pytest.raises(PublishConflict, match="another publisher .* has held the lock"):
+            publishing.publish(store)
+        assert publishing.open_table(store, "runs") is None  # the refused publisher changed nothing
+    store.fs.pipe_file(store.path(*publishing.LOCK), json.dumps({"owner": "dead", "since": 0}).encode())
+    assert publishing.publish(store).runs_added == 3  # a lock hours old is broken
