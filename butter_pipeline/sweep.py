@@ -39,7 +39,7 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 class KernelRegularizer(BaseModel):
     """An L1 or L2 penalty on every layer's kernel (weights, not biases), as Keras applied it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     type: Literal["l1", "l2"]
     strength: float = Field(gt=0, allow_inf_nan=False)
 
@@ -62,9 +62,12 @@ Regularizer = Annotated[KernelRegularizer | None, BeforeValidator(_regularizer_o
 
 
 class Grid(BaseModel):
-    """The hyperparameter axes. Defaults are BUTTER's core values (reference §5.1)."""
+    """The hyperparameter axes. Defaults are BUTTER's core values (reference §5.1).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict types: ``epochs = true`` or ``learning_rate = "0.001"`` are errors, not silently converted.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     dataset: _axis(str)
     size: _axis(Annotated[int, Field(ge=1, le=2**40)])
     shape: _axis(str) = ["rectangle"]
@@ -98,7 +101,7 @@ class Grid(BaseModel):
 class SweepSpec(BaseModel):
     """A whole sweep: a name, one grid (``[grid]``) or a union of grids (``[[grid]]``), and repetitions."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: str = ""
     repetitions: Annotated[int, Field(ge=1, le=10_000)] = 30

@@ -150,6 +150,7 @@ def test_run_on_an_existing_dask_scheduler(tmp_path, prefect_api_url, monkeypatc
         (["run", "smoke", "--store", "gs://bucket/x"], "unsupported scheme 'gs'"),
         (["run", "smoke", "--store", "s3://Bad_Bucket/x"], "not a valid S3 bucket name"),
         (["plan", "missing.toml"], "missing.toml: no such sweep file"),
+        (["plan", "[/bold].toml"], "[/bold].toml: no such sweep file"),  # regression: rich markup crashed the error
         (["run", "smoke", "--max-runs", "0"], "Invalid value for '--max-runs'"),
         (
             ["run", "smoke", "--max-runs", "1", "--dask-address", "tcp://127.0.0.1:1"],

@@ -126,6 +126,13 @@ def test_presets_load_and_smoke_matches_its_promise():
         ('name = "x"\n[grid]\ndataset = "adult"\nsize = []\n', "grid.size: Value should have at least 1 item"),
         ('name = "x"\nrepetitions = "many"\n[grid]\ndataset = "adult"\nsize = 1\n', "repetitions: Input should"),
         ('name = "x" [grid]', "not valid TOML"),
+        # regression: pydantic's lax mode turned these into 1 epoch and a float learning rate
+        (
+            'name = "x"\n[grid]\ndataset = "adult"\nsize = 10\nepochs = true\n',
+            "grid.epochs[0]: Input should be a valid int",
+        ),
+        ('name = "x"\n[grid]\ndataset = "adult"\nsize = 10\nlearning_rate = "0.1"\n', "grid.learning_rate[0]: Input"),
+        ('name = "x"\n[grid]\ndataset = "adult"\nsize = true\n', "grid.size[0]: Input should be a valid integer"),
         (
             'name = "x"\n[grid]\ndataset = "adult"\nsize = 10\nkernel_regularizer = {type = "l3", strength = 1}\n',
             "grid.kernel_regularizer[0].type: Input should be 'l1' or 'l2'",
