@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from butter_pipeline.errors import SpecError
 from butter_pipeline.ids import experiment_id, run_id, seed_of
@@ -88,6 +88,13 @@ class Grid(BaseModel):
             if value not in DATASETS:
                 raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(sorted(DATASETS))}")
         return values
+
+    @model_validator(mode="after")
+    def _adam_has_a_momentum_free_point(self) -> Grid:
+        # Adam takes no momentum: a grid whose momenta are all non-zero would silently drop its Adam points
+        if "adam" in self.optimizer and 0.0 not in self.momentum:
+            raise ValueError("optimizer 'adam' takes no momentum: add 0 to momentum, or drop adam from optimizer")
+        return self
 
     @field_validator("shape")
     @classmethod

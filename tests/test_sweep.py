@@ -126,6 +126,10 @@ def test_presets_load_and_smoke_matches_its_promise():
         ('name = "x"\n[grid]\ndataset = "adult"\nsize = []\n', "grid.size: Value should have at least 1 item"),
         ('name = "x"\nrepetitions = "many"\n[grid]\ndataset = "adult"\nsize = 1\n', "repetitions: Input should"),
         ('name = "x" [grid]', "not valid TOML"),
+        (
+            'name = "x"\n[grid]\ndataset = "adult"\nsize = 10\nmomentum = 0.9\n',
+            "grid: optimizer 'adam' takes no momentum",
+        ),
         # regression: pydantic's lax mode turned these into 1 epoch and a float learning rate
         (
             'name = "x"\n[grid]\ndataset = "adult"\nsize = 10\nepochs = true\n',
