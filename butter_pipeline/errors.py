@@ -31,9 +31,5 @@ class ClusterError(ButterError):
     """Raised when the Dask scheduler named by an address cannot be reached."""
 
 
-class ValidationFailed(ButterError):
-    """Raised when a result breaks the data contract; the result is quarantined, never published."""
-
-
 class PublishConflict(ButterError):
     """Raised when the published tables are in a state the publisher cannot safely extend."""

@@ -16,7 +16,6 @@ from butter_pipeline.sweep import Experiment
 
 CORE_DATASETS = frozenset({"529_pollen", "connect_4", "537_houses", "mnist", "201_pol", "sleep", "wine_quality_white"})
 SECONDARY_DATASETS = frozenset({"nursery", "adult"})
-TERTIARY_DATASETS = frozenset({"505_tecator", "294_satellite_image", "banana", "splice"})
 CORE_SHAPES = frozenset({"rectangle", "trapezoid", "exponential", "wide_first_2x"})
 SECONDARY_SHAPES = frozenset({"rectangle_residual", "wide_first_4x", "wide_first_8x", "wide_first_16x"})
 CORE_DEPTHS = frozenset(range(2, 11))

@@ -26,8 +26,6 @@ from butter_pipeline.tasks import Task, load_task
 
 EVAL_BATCH_ROWS = 16384  # evaluation is chunked only to bound memory; any size gives the same sums
 
-STATUSES = ("complete", "diverged", "rejected", "failed")
-
 
 @dataclass
 class RunResult:
