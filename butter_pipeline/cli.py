@@ -127,10 +127,12 @@ def run(
     from butter_pipeline.orchestrate import apply_prefect_defaults, check_scheduler, run_sweep_flow
     from butter_pipeline.plan import done_run_ids, make_plan
     from butter_pipeline.sweep import load_spec
+    from butter_pipeline.vtrain import check_environment
 
     started = time.perf_counter()
     try:
         spec = load_spec(sweep)
+        check_environment()
         if dask_address:
             check_scheduler(dask_address)  # before anything is created in the store
         target = _reachable(store)

@@ -59,7 +59,14 @@ def prefect_api() -> Iterator[str]:
 def check_scheduler(address: str, *, timeout_s: float = 10.0) -> None:
     """Fail with one clear line when no Dask scheduler answers at ``address``."""
     from distributed import Client
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
 
+    try:
+        _, location = parse_address(address)
+        parse_host_port(location)
+    except (ValueError, TypeError) as exc:
+        raise ClusterError(f"dask scheduler {address!r}: not an address like tcp://host:8786 ({exc})") from None
     try:
         client = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
     except Exception as exc:  # distributed raises OSError, TimeoutError or ValueError for bad addresses

@@ -2,7 +2,7 @@
 
 A spec names a sweep and a grid of BUTTER's hyperparameters. Each grid axis takes one value or a list;
 expansion is the Cartesian product of the axes, times ``repetitions`` runs per experiment. Axes the file
-leaves out take BUTTER's core values (the defaults below).
+leaves out take BUTTER's core values (the defaults below); dataset and size are required.
 
 Example::
 
@@ -229,7 +229,10 @@ def parse_spec(data: dict[str, Any], *, source: str) -> SweepSpec:
             where = _format_location(loc)
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
-                model = Grid if loc[0] == "grid" and len(loc) > 1 else SweepSpec
+                if "kernel_regularizer" in loc:
+                    model = KernelRegularizer
+                else:
+                    model = Grid if loc[0] == "grid" and len(loc) > 1 else SweepSpec
                 message = f"unknown key; allowed: {', '.join(model.model_fields)}"
             elif error["type"] not in {"value_error", "missing"}:
                 message += f" (got {error.get('input')!r})"

@@ -56,6 +56,28 @@ def memory_bytes(layout: Layout, members: int, batch_size: int, train_rows: int)
     return 4 * members * (4 * params + 2 * activations + per_epoch) + 4 * EVAL_ELEMENTS * 2
 
 
+def check_environment() -> None:
+    """Refuse bad ``BUTTER_DEVICE`` / ``BUTTER_MEMORY_BUDGET`` values with one line, before any work."""
+    from butter_pipeline.errors import ButterError
+
+    chosen = os.environ.get("BUTTER_DEVICE")
+    if chosen:
+        try:
+            device = torch.device(chosen)
+        except RuntimeError:
+            raise ButterError(f"BUTTER_DEVICE={chosen!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ButterError(f"BUTTER_DEVICE={chosen!r} but this machine has no usable CUDA device")
+    budget = os.environ.get("BUTTER_MEMORY_BUDGET")
+    if budget is not None:
+        try:
+            ok = float(budget) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ButterError(f"BUTTER_MEMORY_BUDGET={budget!r} must be a positive number of bytes")
+
+
 def memory_budget(device: torch.device) -> int:
     """Bytes a worker may use for one stacked model: $BUTTER_MEMORY_BUDGET, else part of what is free."""
     if "BUTTER_MEMORY_BUDGET" in os.environ:

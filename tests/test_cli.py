@@ -150,6 +150,7 @@ def test_run_on_an_existing_dask_scheduler(tmp_path, prefect_api_url, monkeypatc
         (["run", "smoke", "--store", "gs://bucket/x"], "unsupported scheme 'gs'"),
         (["run", "smoke", "--store", "s3://Bad_Bucket/x"], "not a valid S3 bucket name"),
         (["plan", "missing.toml"], "missing.toml: no such sweep file"),
+        (["run", "smoke", "--dask-address", "notaurl"], "dask scheduler 'notaurl': not an address"),
         (["plan", "[/bold].toml"], "[/bold].toml: no such sweep file"),  # regression: rich markup crashed the error
         (["run", "smoke", "--max-runs", "0"], "Invalid value for '--max-runs'"),
         (
@@ -173,6 +174,19 @@ def test_wrong_s3_credentials_are_refused_clearly(s3_server, tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"s3://{s3_server.bucket}/x" in result.stderr and "Traceback" not in result.stderr
     assert "wrong-secret" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"BUTTER_DEVICE": "bogus"}, "BUTTER_DEVICE='bogus' is not a torch device"),
+        ({"BUTTER_MEMORY_BUDGET": "abc"}, "BUTTER_MEMORY_BUDGET='abc' must be a positive number"),
+    ],
+)
+def test_bad_environment_is_one_line_and_exit_2(tmp_path, env, expected):
+    result = butter("run", "smoke", "--max-runs", "1", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and expected in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_plan_and_sweeps_print_counts():

@@ -127,6 +127,10 @@ def test_presets_load_and_smoke_matches_its_promise():
         ('name = "x"\nrepetitions = "many"\n[grid]\ndataset = "adult"\nsize = 1\n', "repetitions: Input should"),
         ('name = "x" [grid]', "not valid TOML"),
         (
+            'name = "x"\n[grid]\ndataset = "adult"\nsize = 10\nkernel_regularizer = {type = "l2", strenght = 1}\n',
+            "grid.kernel_regularizer[0].strenght: unknown key; allowed: type, strength",
+        ),
+        (
             'name = "x"\n[grid]\ndataset = "adult"\nsize = 10\nmomentum = 0.9\n',
             "grid: optimizer 'adam' takes no momentum",
         ),
