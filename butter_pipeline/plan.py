@@ -14,7 +14,7 @@ from functools import cache
 from butter_pipeline.ids import run_id, seed_of
 from butter_pipeline.nets import layout_for
 from butter_pipeline.publish import published_run_ids
-from butter_pipeline.stage import read_staged, staged_units
+from butter_pipeline.stage import staged_run_ids, staged_units
 from butter_pipeline.store import Store
 from butter_pipeline.sweep import Experiment, Run, SweepSpec, expand
 from butter_pipeline.tasks import load_task, manifest
@@ -42,8 +42,7 @@ def done_run_ids(store: Store) -> set[str]:
     """Runs published in ``runs`` plus runs staged for the publisher."""
     done = published_run_ids(store)
     for unit in staged_units(store):
-        runs, _ = read_staged(store, unit)
-        done.update(runs.column("run_id").to_pylist())
+        done.update(staged_run_ids(store, unit))  # the runs file only: epochs can be large
     return done
 
 

@@ -92,6 +92,12 @@ def staged_run_count(store: Store, folder: str, unit_id: str) -> int:
         return pq.read_metadata(handle).num_rows
 
 
+def staged_run_ids(store: Store, unit_id: str) -> list[str]:
+    """Run ids of a staged unit, reading only the ``run_id`` column of its ``runs.parquet``."""
+    with store.fs.open(store.path(STAGING, unit_id, RUNS_FILE), "rb") as handle:
+        return pq.read_table(handle, columns=["run_id"]).column("run_id").to_pylist()
+
+
 def read_staged(store: Store, unit_id: str) -> tuple[pyarrow.Table, pyarrow.Table]:
     """(runs, epochs) of a staged unit."""
     tables = []
