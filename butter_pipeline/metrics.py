@@ -13,20 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EPSILON = 1e-7  # keras.backend.epsilon()
+from butter_pipeline.schemas import METRICS  # the metric names belong to the data contract
 
-METRICS: tuple[str, ...] = (
-    "loss",
-    "accuracy",
-    "mean_squared_error",
-    "mean_absolute_error",
-    "root_mean_squared_error",
-    "mean_squared_logarithmic_error",
-    "hinge",
-    "squared_hinge",
-    "cosine_similarity",
-    "kullback_leibler_divergence",
-)
+EPSILON = 1e-7  # keras.backend.epsilon()
 # Metrics that are per-sample means (everything but the loss and RMSE), in the order ``sample_sums`` returns.
 SAMPLE_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in {"loss", "root_mean_squared_error"})
 

@@ -40,7 +40,7 @@ class SweepPlan:
 
 def done_run_ids(store: Store) -> set[str]:
     """Runs published in ``runs`` plus runs staged for the publisher."""
-    done = published_run_ids(store)
+    done = set(published_run_ids(store).to_pylist())
     for unit in staged_units(store):
         done.update(staged_run_ids(store, unit))  # the runs file only: epochs can be large
     return done

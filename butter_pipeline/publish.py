@@ -18,25 +18,29 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import pyarrow
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake import DeltaTable
 
 from butter_pipeline.errors import PublishConflict
-from butter_pipeline.schemas import EPOCHS_SCHEMA, PARTITION_COLUMNS, RUNS_SCHEMA
-from butter_pipeline.stage import read_staged, remove_staged, staged_units
+from butter_pipeline.failpoints import failpoint
+from butter_pipeline.schemas import EPOCHS_SCHEMA, RUNS_SCHEMA
+from butter_pipeline.stage import read_staged, remove_staged, staged_epoch_rows, staged_units
 from butter_pipeline.store import Store
+from butter_pipeline.tables import append, open_or_create, open_table
 
 APP_ID = "butter-publisher"
-TABLES = {"runs": RUNS_SCHEMA, "epochs": EPOCHS_SCHEMA}
+TABLES = ("epochs", "runs")  # commit order: a run is visible only once its epochs are
 PENDING = ("_publish", "pending.json")
 LOCK = ("_publish", "lock.json")
 STALE_LOCK_SECONDS = 6 * 3600  # a lock older than this belonged to a publisher that died; it may be broken
-MAX_UNITS_PER_COMMIT = 2048  # bounds the publisher's memory; 10,000 staged runs are a handful of commits
+# A commit holds at most this many staged units and epoch rows (about 0.7 GB in memory): publishing 10,000
+# staged runs of a few hundred epochs is one commit per table.
+MAX_UNITS_PER_COMMIT = 4096
+MAX_EPOCH_ROWS_PER_COMMIT = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -48,32 +52,17 @@ class PublishReport:
     commits: int
 
 
-def open_table(store: Store, name: str) -> DeltaTable | None:
-    try:
-        return DeltaTable(store.table_uri(name), storage_options=store.storage_options or None)
-    except TableNotFoundError:
-        return None
-
-
-def _open_or_create(store: Store, name: str) -> DeltaTable:
-    table = open_table(store, name)
-    if table is None:
-        table = DeltaTable.create(
-            store.table_uri(name),
-            schema=TABLES[name],
-            partition_by=list(PARTITION_COLUMNS),
-            name=name,
-            storage_options=store.storage_options or None,
-        )
-    return table
-
-
-def published_run_ids(store: Store) -> set[str]:
-    """Run ids in the published ``runs`` table (empty when it does not exist yet)."""
+def published_run_ids(store: Store, datasets: Iterable[str] | None = None) -> pyarrow.Array:
+    """Run ids in the published ``runs`` table, of ``datasets`` only when given (partition pruning)."""
     table = open_table(store, "runs")
     if table is None:
-        return set()
-    return set(table.to_pyarrow_dataset().to_table(columns=["run_id"]).column("run_id").to_pylist())
+        return pyarrow.array([], pyarrow.string())
+    wanted = None if datasets is None else sorted(set(datasets))
+    if wanted == []:
+        return pyarrow.array([], pyarrow.string())
+    files = None if wanted is None else [("dataset", "in", wanted)]
+    column = table.to_pyarrow_dataset(file_pruning_predicate=files).to_table(columns=["run_id"]).column("run_id")
+    return column.combine_chunks() if column.num_chunks else pyarrow.array([], pyarrow.string())
 
 
 def _txn_version(table: DeltaTable) -> int:
@@ -93,48 +82,48 @@ def _write_pending(store: Store, record: dict) -> None:
     store.fs.pipe_file(path, json.dumps(record).encode())
 
 
-def _batch_tables(store: Store, units: list[str], exclude: set[str]) -> tuple[pyarrow.Table, pyarrow.Table]:
-    """The rows of ``units`` whose runs are not in ``exclude``, each run once."""
-    runs_parts, epochs_parts, seen = [], [], set(exclude)
+def _batch_tables(store: Store, units: list[str], added: set[str]) -> tuple[pyarrow.Table, pyarrow.Table]:
+    """The rows of ``units`` whose runs are neither published nor in ``added``, each run once."""
+    runs_parts, epochs_parts = [], []
     for unit in units:
         runs, epochs = read_staged(store, unit)
-        fresh = [r for r in runs.column("run_id").to_pylist() if r not in seen]
-        seen.update(fresh)
-        mask = pyarrow.array(fresh, pyarrow.string())
-        runs_parts.append(runs.filter(pc.is_in(runs["run_id"], value_set=mask)))
-        epochs_parts.append(epochs.filter(pc.is_in(epochs["run_id"], value_set=mask)))
+        runs_parts.append(runs.cast(RUNS_SCHEMA))
+        epochs_parts.append(epochs.cast(EPOCHS_SCHEMA))
     runs = pyarrow.concat_tables(runs_parts) if runs_parts else RUNS_SCHEMA.empty_table()
     epochs = pyarrow.concat_tables(epochs_parts) if epochs_parts else EPOCHS_SCHEMA.empty_table()
-    return runs.cast(RUNS_SCHEMA), epochs.cast(EPOCHS_SCHEMA)
-
-
-def _commit(table: DeltaTable, data: pyarrow.Table, version: int) -> None:
-    write_deltalake(
-        table,
-        data,
-        mode="append",
-        partition_by=list(PARTITION_COLUMNS),
-        commit_properties=CommitProperties(app_transactions=[Transaction(app_id=APP_ID, version=version)]),
-    )
+    # A run can be staged twice (a sweep planned while its first copy was being published): keep the first
+    # staged copy, and nothing of a run already published.
+    published = published_run_ids(store, runs.column("dataset").to_pylist())
+    fresh, seen = [], set(added)
+    for run_id, old in zip(
+        runs.column("run_id").to_pylist(), pc.is_in(runs["run_id"], value_set=published).to_pylist(), strict=True
+    ):
+        fresh.append(not old and run_id not in seen)
+        seen.add(run_id)
+    runs = runs.filter(pyarrow.array(fresh, pyarrow.bool_()))
+    keep = runs.column("run_id").combine_chunks() if runs.num_rows else pyarrow.array([], pyarrow.string())
+    return runs, epochs.filter(pc.is_in(epochs["run_id"], value_set=keep))
 
 
 def _complete_batch(
-    store: Store, tables: dict[str, DeltaTable], record: dict, published: set[str]
+    store: Store, tables: dict[str, DeltaTable], record: dict, added_ids: set[str]
 ) -> tuple[int, int, int]:
     """Commit batch ``record`` to every table that lacks it; returns (runs, epochs, commits) added."""
     version, units = record["version"], record["units"]
     added = (0, 0, 0)
     if _txn_version(tables["runs"]) < version:  # runs is committed last: if it has N, so has epochs
-        runs, epochs = _batch_tables(store, units, published)
+        runs, epochs = _batch_tables(store, units, added_ids)
         commits = 0
         if runs.num_rows:
             if _txn_version(tables["epochs"]) < version:
-                _commit(tables["epochs"], epochs, version)
+                append(tables["epochs"], epochs, "epochs", transaction=(APP_ID, version))
                 commits += 1
-            _commit(tables["runs"], runs, version)
+                failpoint("publish:between-commits")
+            append(tables["runs"], runs, "runs", transaction=(APP_ID, version))
             commits += 1
-        published.update(runs.column("run_id").to_pylist())
+        added_ids.update(runs.column("run_id").to_pylist())
         added = (runs.num_rows, epochs.num_rows, commits)
+    failpoint("publish:before-cleanup")
     for unit in units:
         remove_staged(store, unit)
     store.fs.rm(store.path(*PENDING))
@@ -203,9 +192,24 @@ def publish(store: Store) -> PublishReport:
         return _publish_locked(store)
 
 
+def _batches(store: Store, units: list[str]) -> Iterator[list[str]]:
+    """``units`` cut into commits bounded by unit count and epoch rows (read from Parquet footers)."""
+    batch: list[str] = []
+    rows = 0
+    for unit in units:
+        unit_rows = staged_epoch_rows(store, unit)
+        if batch and (len(batch) >= MAX_UNITS_PER_COMMIT or rows + unit_rows > MAX_EPOCH_ROWS_PER_COMMIT):
+            yield batch
+            batch, rows = [], 0
+        batch.append(unit)
+        rows += unit_rows
+    if batch:
+        yield batch
+
+
 def _publish_locked(store: Store) -> PublishReport:
-    tables = {name: _open_or_create(store, name) for name in TABLES}
-    published = published_run_ids(store)
+    tables = {name: open_or_create(store, name) for name in TABLES}
+    published: set[str] = set()  # runs added by this publish
     runs_added = epochs_added = commits = units_done = 0
 
     pending = _read_pending(store)
@@ -219,9 +223,7 @@ def _publish_locked(store: Store) -> PublishReport:
         r, e, c = _complete_batch(store, tables, pending, published)
         runs_added, epochs_added, commits, units_done = r, e, c, len(pending["units"])
 
-    units = staged_units(store)
-    for start in range(0, len(units), MAX_UNITS_PER_COMMIT):
-        batch = units[start : start + MAX_UNITS_PER_COMMIT]
+    for batch in _batches(store, staged_units(store)):
         version = max(_txn_version(t) for t in tables.values()) + 1
         record = {"version": version, "units": batch}
         _write_pending(store, record)

@@ -103,6 +103,9 @@ def epochs_table(results: list[RunResult]) -> pyarrow.Table:
             "run_id": pyarrow.array([result.run.run_id] * n, pyarrow.string()),
             "experiment_id": pyarrow.array([result.run.experiment_id] * n, pyarrow.string()),
             "dataset": pyarrow.array([result.run.experiment.dataset] * n, pyarrow.string()),
+            "shape": pyarrow.array([result.run.experiment.shape] * n, pyarrow.string()),
+            "depth": pyarrow.array([result.run.experiment.depth] * n, pyarrow.int32()),
+            "size": pyarrow.array([result.run.experiment.size] * n, pyarrow.int64()),
             "epoch": pyarrow.array(np.arange(1, n + 1, dtype=np.int32)),
         }
         for name in METRIC_COLUMNS:

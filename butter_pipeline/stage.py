@@ -92,6 +92,12 @@ def staged_run_count(store: Store, folder: str, unit_id: str) -> int:
         return pq.read_metadata(handle).num_rows
 
 
+def staged_epoch_rows(store: Store, unit_id: str) -> int:
+    """Epoch rows of a staged unit, from its Parquet footer."""
+    with store.fs.open(store.path(STAGING, unit_id, EPOCHS_FILE), "rb") as handle:
+        return pq.read_metadata(handle).num_rows
+
+
 def staged_run_ids(store: Store, unit_id: str) -> list[str]:
     """Run ids of a staged unit, reading only the ``run_id`` column of its ``runs.parquet``."""
     with store.fs.open(store.path(STAGING, unit_id, RUNS_FILE), "rb") as handle:

@@ -1,7 +1,8 @@
 """Check a result's tables against the data contract before anything is written for publishing.
 
 The pandera models in ``schemas`` check each table; the cross-table rules below check what neither table
-can see alone (every run's epochs are present; non-finite metrics appear only in diverged runs).
+can see alone (epochs belong to known runs and repeat their attributes; non-finite metrics appear only in
+diverged runs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow
 from butter_pipeline.schemas import (
     EPOCHS_SCHEMA,
     METRIC_COLUMNS,
+    RUN_KEYS_IN_EPOCHS,
     RUNS_SCHEMA,
     EpochsTable,
     RunsTable,
@@ -58,6 +60,20 @@ def find_problems(runs: pyarrow.Table, epochs: pyarrow.Table) -> list[Problem]:
     stray = set(epochs.column("run_id").to_pylist()) - run_ids
     if stray:
         problems.append(Problem("epochs", "run_id", "run_in_runs", f"epochs for unknown runs {sorted(stray)[:5]}"))
+    if epochs.num_rows and not stray:
+        # The run attributes copied into epochs (for pruning and summaries) must be the run's own.
+        keys = ["run_id", *RUN_KEYS_IN_EPOCHS]
+        distinct = epochs.select(keys).group_by(keys).aggregate([])
+        joined = distinct.join(runs.select(keys), keys=keys, join_type="left anti")
+        if joined.num_rows:
+            problems.append(
+                Problem(
+                    "epochs",
+                    ",".join(RUN_KEYS_IN_EPOCHS),
+                    "matches_runs",
+                    f"epochs disagree with their run's attributes for runs {sorted(joined['run_id'].to_pylist())[:5]}",
+                )
+            )
     if epochs.num_rows:
         metrics = np.column_stack([epochs.column(c).to_numpy(zero_copy_only=False) for c in METRIC_COLUMNS])
         bad_rows = ~np.isfinite(metrics[:, [METRIC_COLUMNS.index("train_loss"), METRIC_COLUMNS.index("test_loss")]])

@@ -13,12 +13,27 @@ import pandera.pandas as pa
 import pyarrow
 from pandera.typing import Series
 
-from butter_pipeline.metrics import METRICS
-
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 PARTITION_COLUMNS = ("dataset",)
+# BUTTER's ten per-epoch metrics, recorded on the train and the test split; ``butter_pipeline.metrics``
+# implements them. Named here so that reading the contract needs no torch.
+METRICS: tuple[str, ...] = (
+    "loss",
+    "accuracy",
+    "mean_squared_error",
+    "mean_absolute_error",
+    "root_mean_squared_error",
+    "mean_squared_logarithmic_error",
+    "hinge",
+    "squared_hinge",
+    "cosine_similarity",
+    "kullback_leibler_divergence",
+)
 RUN_STATUSES = ("complete", "diverged", "rejected", "failed")
 METRIC_COLUMNS: tuple[str, ...] = tuple(f"{side}_{m}" for side in ("train", "test") for m in METRICS)
+# Run attributes repeated in every epochs row: they let readers prune a (dataset, shape, depth, size) slice
+# of epochs from file and row-group statistics, and cost almost nothing once sorted and run-length encoded.
+RUN_KEYS_IN_EPOCHS: tuple[str, ...] = ("experiment_id", "dataset", "shape", "depth", "size")
 _UTC_MICROS = pyarrow.timestamp("us", tz="UTC")
 
 RUNS_SCHEMA = pyarrow.schema(
@@ -75,10 +90,63 @@ EPOCHS_SCHEMA = pyarrow.schema(
         pyarrow.field("run_id", pyarrow.string(), nullable=False),
         pyarrow.field("experiment_id", pyarrow.string(), nullable=False),
         pyarrow.field("dataset", pyarrow.string(), nullable=False),
+        pyarrow.field("shape", pyarrow.string(), nullable=False),
+        pyarrow.field("depth", pyarrow.int32(), nullable=False),
+        pyarrow.field("size", pyarrow.int64(), nullable=False),
         pyarrow.field("epoch", pyarrow.int32(), nullable=False),
         *(pyarrow.field(name, pyarrow.float32(), nullable=True) for name in METRIC_COLUMNS),
     ]
 )
+
+# summaries: one row per experiment and epoch, statistics over the experiment's trained repetitions.
+LOSS_STATISTICS = ("num_finite", "min", "max", "mean", "std", "q1", "median", "q3")
+METRIC_STATISTICS = ("mean", "std", "q1", "median", "q3")
+SUMMARIZED_METRICS = ("accuracy", "mean_squared_error", "kullback_leibler_divergence")
+BEST_POINTS = ("test_loss_min", "test_accuracy_max")  # per run: lowest test loss / highest test accuracy
+BEST_AGGREGATES = ("min", "q1", "median", "q3", "max", "mean")
+SUMMARY_EXPERIMENT_COLUMNS = (
+    "experiment_id",
+    "dataset",
+    "task_type",
+    "shape",
+    "depth",
+    "size",
+    "num_parameters",
+    "learning_rate",
+    "batch_size",
+    "epochs",
+    "optimizer",
+    "momentum",
+    "label_noise",
+    "kernel_regularizer",
+    "kernel_regularizer_strength",
+    "test_split",
+    "sweeps",
+)
+
+
+def _summaries_schema() -> pyarrow.Schema:
+    runs = {f.name: f for f in RUNS_SCHEMA}
+    fields = [runs[name] for name in SUMMARY_EXPERIMENT_COLUMNS]
+    fields += [
+        pyarrow.field("num_runs", pyarrow.int32(), nullable=False),
+        pyarrow.field("epoch", pyarrow.int32(), nullable=False),
+        pyarrow.field("num", pyarrow.int32(), nullable=False),
+    ]
+    for side in ("train", "test"):
+        for stat in LOSS_STATISTICS:
+            kind = pyarrow.int32() if stat == "num_finite" else pyarrow.float32()
+            fields.append(pyarrow.field(f"{side}_loss_{stat}", kind, nullable=stat != "num_finite"))
+        for metric in SUMMARIZED_METRICS:
+            fields += [pyarrow.field(f"{side}_{metric}_{stat}", pyarrow.float32()) for stat in METRIC_STATISTICS]
+    for best in BEST_POINTS:
+        for part in ("epoch", "value"):
+            fields += [pyarrow.field(f"{best}_{part}_{agg}", pyarrow.float32()) for agg in BEST_AGGREGATES]
+    fields.append(pyarrow.field("runs_version", pyarrow.int64(), nullable=False))
+    return pyarrow.schema(fields)
+
+
+SUMMARIES_SCHEMA = _summaries_schema()
 
 _ID_PATTERN = r"^[0-9a-f]{24}$"
 
@@ -160,6 +228,9 @@ class EpochsTable(pa.DataFrameModel):
     run_id: Series[str] = pa.Field(str_matches=_ID_PATTERN)
     experiment_id: Series[str] = pa.Field(str_matches=_ID_PATTERN)
     dataset: Series[str]
+    shape: Series[str]
+    depth: Series[np.int32] = pa.Field(ge=2)
+    size: Series[np.int64] = pa.Field(ge=1)
     epoch: Series[np.int32] = pa.Field(ge=1)
     train_loss: Series[np.float32] = pa.Field(nullable=True)
     train_accuracy: Series[np.float32] = pa.Field(nullable=True)

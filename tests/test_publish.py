@@ -57,17 +57,17 @@ def test_publisher_killed_between_commits_finishes_without_duplicates(tmp_path, 
     """Regression: a publisher dying after the epochs commit must not add those epochs twice."""
     store = open_store(tmp_path / "store")
     _stage_all(store, results)
-    real_commit = publishing._commit
+    real_append = publishing.append
 
-    def die_before_runs(table, data, version):
-        if table.metadata().name == "runs":
+    def die_before_runs(table, data, name, *, transaction):
+        if name == "runs":
             raise KeyboardInterrupt("publisher killed")
-        real_commit(table, data, version)
+        real_append(table, data, name, transaction=transaction)
 
-    monkeypatch.setattr(publishing, "_commit", die_before_runs)
+    monkeypatch.setattr(publishing, "append", die_before_runs)
     with pytest.raises(KeyboardInterrupt):
         publishing.publish(store)
-    monkeypatch.setattr(publishing, "_commit", real_commit)
+    monkeypatch.setattr(publishing, "append", real_append)
     assert store.fs.exists(store.path("_publish", "pending.json"))
     report = publishing.publish(store)
     assert (report.runs_added, report.commits) == (3, 1)  # only the missing runs commit was made

@@ -6,7 +6,14 @@ import re
 from pathlib import Path
 
 import pytest
-from butter_pipeline.schemas import EPOCHS_SCHEMA, RUNS_SCHEMA, SCHEMA_VERSION, EpochsTable, RunsTable
+from butter_pipeline.schemas import (
+    EPOCHS_SCHEMA,
+    RUNS_SCHEMA,
+    SCHEMA_VERSION,
+    SUMMARIES_SCHEMA,
+    EpochsTable,
+    RunsTable,
+)
 
 README = Path(__file__).resolve().parents[1] / "schemas" / "README.md"
 
@@ -32,6 +39,11 @@ def test_readme_arrow_and_pandera_agree(table, schema, model):
     actual = [(f.name, _arrow_type(f), f.nullable) for f in schema]
     assert documented == actual
     assert list(model.to_schema().columns) == schema.names
+
+
+def test_readme_documents_every_summaries_column():
+    documented = _documented("summaries")
+    assert documented == [(f.name, _arrow_type(f), f.nullable) for f in SUMMARIES_SCHEMA]
 
 
 def test_readme_states_the_schema_version():
