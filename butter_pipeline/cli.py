@@ -6,6 +6,7 @@ exits with status 2; it never shows a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -17,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from butter_pipeline.errors import ButterError
+from butter_pipeline.errors import ButterError, ExportError, StoreError
 from butter_pipeline.store import DEFAULT_STORE, Store, check_reachable, open_store
 
 app = typer.Typer(
@@ -171,19 +172,133 @@ def run(
     )
 
 
+def _existing(uri: str) -> Store:
+    """A store that must already exist: commands that read or maintain tables never create one."""
+    store = _reachable(uri, create=False)
+    if store.is_local and not os.path.isdir(store.root):
+        raise StoreError(f"store {uri!r}: folder {store.root} does not exist")
+    return store
+
+
 @app.command("publish")
 def publish_command(store: StoreOpt = DEFAULT_STORE) -> None:
     """Commit staged results into the store's Delta tables (safe to repeat)."""
     from butter_pipeline.publish import publish
 
     try:
-        report = publish(_reachable(store))
+        report = publish(_existing(store))
     except ButterError as exc:
         _fail(exc)
     out.print(
         f"published {report.runs_added} runs ({report.epochs_added} epoch rows) from {report.units} "
         f"staged units in {report.commits} commits; runs table version {report.runs_version}"
     )
+
+
+@app.command()
+def summarize(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Bring the summaries table up to date (only experiments whose runs changed are recomputed)."""
+    from butter_pipeline.publish import publisher_lock
+    from butter_pipeline.summarize import update_summaries
+
+    try:
+        target = _existing(store)
+        with publisher_lock(target):
+            report = update_summaries(target)
+    except ButterError as exc:
+        _fail(exc)
+    out.print(
+        f"summarized {report.experiments} experiments ({report.rows} rows, {report.commits} commits); "
+        f"summaries reflect runs version {report.runs_version}"
+    )
+
+
+@app.command()
+def maintain(
+    store: StoreOpt = DEFAULT_STORE,
+    zorder: Annotated[bool, typer.Option(help="Z-order by shape, depth, size instead of compacting.")] = False,
+    retention_hours: Annotated[
+        int, typer.Option(min=0, help="Vacuum files unused for this long (release files are always kept).")
+    ] = 168,
+) -> None:
+    """Compact (or z-order), checkpoint and vacuum the store's tables."""
+    from butter_pipeline.maintain import maintain as maintain_tables
+
+    try:
+        reports = maintain_tables(_existing(store), zorder=zorder, retention_hours=retention_hours)
+    except ButterError as exc:
+        _fail(exc)
+    for r in reports:
+        out.print(
+            f"{r.table}: {r.files_removed} files rewritten into {r.files_added}, {r.files_vacuumed} vacuumed, "
+            f"version {r.version}"
+        )
+
+
+@app.command()
+def release(
+    name: Annotated[str, typer.Argument(help="Release name: letters, digits, '.', '_', '-'.")],
+    store: StoreOpt = DEFAULT_STORE,
+    description: Annotated[str, typer.Option(help="One line saying what the release holds.")] = "",
+) -> None:
+    """Record the store's current tables as an immutable, named release."""
+    from butter_pipeline.release import create_release
+
+    try:
+        manifest = create_release(_existing(store), name, description=description)
+    except ButterError as exc:
+        _fail(exc)
+    versions = ", ".join(f"{t} v{v}" for t, v in manifest["versions"].items() if v is not None)
+    out.print(
+        f"release {name}: {sum(manifest['runs_by_status'].values())} runs, {manifest['rows']['epochs']} epoch rows, "
+        f"{manifest['experiments']} experiments ({versions})",
+        highlight=False,
+    )
+
+
+@app.command()
+def releases(store: StoreOpt = DEFAULT_STORE) -> None:
+    """List the store's releases."""
+    from butter_pipeline.release import list_releases
+
+    try:
+        manifests = list_releases(_existing(store))
+    except ButterError as exc:
+        _fail(exc)
+    table = Table("release", "created", "runs", "epoch rows", "sweeps", "versions (runs/epochs/summaries)")
+    for m in manifests:
+        v = m["versions"]
+        table.add_row(
+            m["name"],
+            m["created_at"],
+            f"{sum(m['runs_by_status'].values()):,}",
+            f"{m['rows']['epochs']:,}",
+            ", ".join(m["sweeps"]),
+            f"{v['runs']}/{v['epochs']}/{v['summaries']}",
+        )
+    out.print(table)
+
+
+@app.command()
+def export(
+    out_uri: Annotated[str, typer.Argument(metavar="OUT", help="An empty folder or s3://bucket/prefix.")],
+    store: StoreOpt = DEFAULT_STORE,
+    format: Annotated[str, typer.Option("--format", help="Layout to write; `butter` is BUTTER's.")] = "butter",
+    release: Annotated[str | None, typer.Option(help="Export this release instead of the latest tables.")] = None,
+) -> None:
+    """Export the store in BUTTER's published layout (one row per run, metric lists, Hive partitions)."""
+    from butter_pipeline.export import export_butter
+    from butter_pipeline.read import open_dataset
+
+    try:
+        if format != "butter":
+            raise ExportError(f"--format {format!r}: the only format is 'butter'")
+        data = open_dataset(_existing(store).uri, release=release)
+        target = _reachable(out_uri)
+        report = export_butter(data, target)
+    except ButterError as exc:
+        _fail(exc)
+    out.print(f"exported {report.runs} runs in {report.files} files to {report.path}")
 
 
 def main() -> None:

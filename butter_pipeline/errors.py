@@ -33,3 +33,15 @@ class ClusterError(ButterError):
 
 class PublishConflict(ButterError):
     """Raised when the published tables are in a state the publisher cannot safely extend."""
+
+
+class ReleaseError(ButterError):
+    """Raised when a release name is malformed, already taken, or not found in the store."""
+
+
+class ReadError(ButterError):
+    """Raised when a read names a table, column or version the dataset does not have."""
+
+
+class ExportError(ButterError):
+    """Raised when an export target cannot be used."""

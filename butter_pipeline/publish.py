@@ -12,10 +12,10 @@ staging a run twice, adds nothing.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -29,14 +29,15 @@ from butter_pipeline.errors import PublishConflict
 from butter_pipeline.failpoints import failpoint
 from butter_pipeline.schemas import EPOCHS_SCHEMA, RUNS_SCHEMA
 from butter_pipeline.stage import read_staged, remove_staged, staged_epoch_rows, staged_units
-from butter_pipeline.store import Store
+from butter_pipeline.store import Store, create_exclusive
 from butter_pipeline.tables import append, open_or_create, open_table
 
 APP_ID = "butter-publisher"
 TABLES = ("epochs", "runs")  # commit order: a run is visible only once its epochs are
 PENDING = ("_publish", "pending.json")
 LOCK = ("_publish", "lock.json")
-STALE_LOCK_SECONDS = 6 * 3600  # a lock older than this belonged to a publisher that died; it may be broken
+STALE_LOCK_SECONDS = 600  # a lease not renewed for this long belonged to a publisher that died
+LOCK_RENEW_SECONDS = 60
 # A commit holds at most this many staged units and epoch rows (about 0.7 GB in memory): publishing 10,000
 # staged runs of a few hundred epochs is one commit per table.
 MAX_UNITS_PER_COMMIT = 4096
@@ -130,48 +131,62 @@ def _complete_batch(
     return added
 
 
-def _create_exclusive(store: Store, path: str, payload: bytes) -> bool:
-    """Write ``payload`` at ``path`` only if nothing is there (O_EXCL locally, If-None-Match on S3)."""
-    if store.is_local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            with open(path, "xb") as handle:
-                handle.write(payload)
-        except FileExistsError:
-            return False
-        return True
-    try:
-        store.fs.pipe_file(path, payload, mode="create")
-    except FileExistsError:
+def _holder_is_dead(held: dict) -> bool:
+    """True when the lock's owner is a process of this host that no longer exists."""
+    host, _, rest = str(held.get("owner", "")).partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
         return False
-    except OSError as exc:  # s3fs maps a 412 that lacks its condition header (SeaweedFS) to EINVAL
-        code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
-        if exc.errno == errno.EINVAL and code == "PreconditionFailed":
-            return False
-        raise
-    return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def _renew(store: Store, path: str, mine: dict, stop: threading.Event) -> None:
+    """Keep the lease fresh while the lock is held, so that only a dead publisher's lock goes stale."""
+    while not stop.wait(LOCK_RENEW_SECONDS):
+        with contextlib.suppress(Exception):  # a missed renewal is retried; the lease outlasts several
+            if json.loads(store.fs.cat_file(path)).get("owner") == mine["owner"]:
+                store.fs.pipe_file(path, json.dumps({**mine, "renewed": time.time()}).encode())
 
 
 @contextlib.contextmanager
 def publisher_lock(store: Store) -> Iterator[None]:
-    """Hold the store's single-publisher lock, or raise ``PublishConflict`` naming who holds it."""
+    """Hold the store's single-writer lock, or raise ``PublishConflict`` naming who holds it.
+
+    The lock is a lease renewed every minute: a lock not renewed for ``STALE_LOCK_SECONDS`` belonged to a
+    publisher that died (killed, machine lost) and is broken; one whose owner is a dead process on this
+    host is broken at once.
+    """
     path = store.path(*LOCK)
-    mine = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "since": time.time()}
+    now = time.time()
+    mine = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "since": now, "renewed": now}
     payload = json.dumps(mine).encode()
-    if not _create_exclusive(store, path, payload):
+    if not create_exclusive(store, path, payload):
         try:
             held = json.loads(store.fs.cat_file(path))
         except (FileNotFoundError, ValueError):
             held = {"owner": "unknown", "since": 0.0}  # released meanwhile, or half-written: treat as stale
-        age = time.time() - float(held.get("since", 0.0))
-        if age < STALE_LOCK_SECONDS or not _break_stale(store, path, payload):
+        idle = time.time() - float(held.get("renewed", held.get("since", 0.0)))
+        stale = idle >= STALE_LOCK_SECONDS or _holder_is_dead(held)
+        if not stale or not _break_stale(store, path, payload):
+            age = time.time() - float(held.get("since", 0.0))
             raise PublishConflict(
                 f"store {store.uri}: another publisher ({held.get('owner')}) has held the lock for {age:.0f} s; "
                 f"wait for it, or delete {path} if that publisher is dead"
             )
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(store, path, mine, stop), daemon=True)
+    renewer.start()
     try:
         yield
     finally:
+        stop.set()
+        renewer.join()
         with contextlib.suppress(FileNotFoundError, ValueError):
             if json.loads(store.fs.cat_file(path)).get("owner") == mine["owner"]:
                 store.fs.rm(path)
@@ -179,7 +194,7 @@ def publisher_lock(store: Store) -> Iterator[None]:
 
 def _break_stale(store: Store, path: str, payload: bytes) -> bool:
     store.fs.rm(path)
-    return _create_exclusive(store, path, payload)
+    return create_exclusive(store, path, payload)
 
 
 def publish(store: Store) -> PublishReport:

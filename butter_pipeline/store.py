@@ -14,6 +14,7 @@ Layout under the store::
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass, field
@@ -118,3 +119,25 @@ def check_reachable(store: Store) -> None:
     except Exception as exc:  # botocore raises many types (no credentials, endpoint down, ...)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StoreError(f"store {store.uri}: cannot reach the bucket ({reason})") from None
+
+
+def create_exclusive(store: Store, path: str, payload: bytes) -> bool:
+    """Write ``payload`` at ``path`` only if nothing is there (O_EXCL locally, If-None-Match on S3)."""
+    if store.is_local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path, "xb") as handle:
+                handle.write(payload)
+        except FileExistsError:
+            return False
+        return True
+    try:
+        store.fs.pipe_file(path, payload, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:  # s3fs maps a 412 that lacks its condition header (SeaweedFS) to EINVAL
+        code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+        if exc.errno == errno.EINVAL and code == "PreconditionFailed":
+            return False
+        raise
+    return True

@@ -106,7 +106,7 @@ def synthetic_tables(
             "learning_rate": 0.0001,
             "batch_size": 256,
             "epochs": epochs,
-            "synthetic": index,
+            "synthetic": f"{seed}-{index}",
         }
         experiment = experiment_id(config)
         test_rows = int(round(task[0] * 0.2))

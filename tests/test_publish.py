@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow
@@ -189,5 +193,15 @@ def test_a_held_lock_refuses_a_second_publisher_and_a_stale_one_is_broken(tmp_pa
         with pytest.raises(PublishConflict, match="another publisher .* has held the lock"):
             publishing.publish(store)
         assert publishing.open_table(store, "runs") is None  # the refused publisher changed nothing
-    store.fs.pipe_file(store.path(*publishing.LOCK), json.dumps({"owner": "dead", "since": 0}).encode())
-    assert publishing.publish(store).runs_added == 3  # a lock hours old is broken
+    lock = store.path(*publishing.LOCK)
+    now = time.time()
+    store.fs.pipe_file(lock, json.dumps({"owner": "other-host:1:x", "since": now, "renewed": now}).encode())
+    with pytest.raises(PublishConflict):  # a fresh lease of another machine is respected
+        publishing.publish(store)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = f"{socket.gethostname()}:{dead.stdout.strip()}:x"
+    store.fs.pipe_file(lock, json.dumps({"owner": owner, "since": now, "renewed": now}).encode())
+    assert publishing.publish(store).runs_added == 3  # its owner is a dead process here: broken at once
+    store.fs.pipe_file(lock, json.dumps({"owner": "other-host:1:x", "since": 0, "renewed": 0}).encode())
+    _stage_all(store, results)
+    assert publishing.publish(store).runs_added == 0  # a lease not renewed for long is broken
