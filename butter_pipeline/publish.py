@@ -30,9 +30,9 @@ from butter_pipeline.failpoints import failpoint
 from butter_pipeline.schemas import EPOCHS_SCHEMA, RUNS_SCHEMA
 from butter_pipeline.stage import read_staged, remove_staged, staged_epoch_rows, staged_units
 from butter_pipeline.store import Store, create_exclusive
-from butter_pipeline.tables import append, open_or_create, open_table
+from butter_pipeline.tables import PUBLISHER_APP_ID, append, arrow_dataset, open_or_create, open_table
 
-APP_ID = "butter-publisher"
+APP_ID = PUBLISHER_APP_ID
 TABLES = ("epochs", "runs")  # commit order: a run is visible only once its epochs are
 PENDING = ("_publish", "pending.json")
 LOCK = ("_publish", "lock.json")
@@ -62,7 +62,9 @@ def published_run_ids(store: Store, datasets: Iterable[str] | None = None) -> py
     if wanted == []:
         return pyarrow.array([], pyarrow.string())
     files = None if wanted is None else [("dataset", "in", wanted)]
-    column = table.to_pyarrow_dataset(file_pruning_predicate=files).to_table(columns=["run_id"]).column("run_id")
+    column = (
+        arrow_dataset(store, table, "runs", file_pruning_predicate=files).to_table(columns=["run_id"]).column("run_id")
+    )
     return column.combine_chunks() if column.num_chunks else pyarrow.array([], pyarrow.string())
 
 

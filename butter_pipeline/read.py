@@ -17,10 +17,8 @@ attribute that epochs do not repeat (``learning_rate``, ``batch_size``, ...) is 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pyarrow
@@ -31,7 +29,7 @@ from deltalake import DeltaTable
 from butter_pipeline.errors import ReadError
 from butter_pipeline.release import load_release
 from butter_pipeline.store import DEFAULT_STORE, Store, open_store
-from butter_pipeline.tables import TABLE_SCHEMAS, open_table
+from butter_pipeline.tables import PUBLISHER_APP_ID, SUMMARIZER_APP_ID, TABLE_SCHEMAS, arrow_dataset, open_table
 
 Output = Literal["arrow", "pandas", "polars", "duckdb"]
 Where = dict[str, Any] | pc.Expression | None
@@ -60,6 +58,8 @@ class ButterDataset:
 
     def arrow_dataset(self, name: str, filesystem: Any = None) -> ds.Dataset:
         """A lazy ``pyarrow.dataset.Dataset`` over table ``name`` (file statistics attached for pruning)."""
+        if filesystem is None:
+            return arrow_dataset(self.store, self.table(name), name)
         return self.table(name).to_pyarrow_dataset(filesystem=filesystem)
 
     def runs(self, columns: list[str] | None = None, where: Where = None, to: Output = "arrow") -> Any:
@@ -131,16 +131,24 @@ def _conditions(where: dict[str, Any]) -> pc.Expression | None:
     return expression
 
 
-def _as_of(store: Store, name: str, moment: datetime) -> int | None:
-    """The version of table ``name`` current at ``moment`` (its latest commit at or before it)."""
+def _last_version_within(store: Store, name: str, app_id: str, limit: int) -> int | None:
+    """The newest version of table ``name`` whose app transaction ``app_id`` is at most ``limit``.
+
+    Transaction versions only grow with table versions, so a binary search over versions finds it. This
+    pairs tables by what they contain (the publisher's batch number, the runs version summarized), not by
+    commit timestamps, which S3 keeps to the second.
+    """
     table = open_table(store, name)
-    if table is None:
-        return None
-    try:
-        table.load_as_version(moment)
-    except Exception:  # created after ``moment``: it did not exist then
-        return None
-    return table.version()
+    if table is None or (table.transaction_version(app_id) or 0) <= limit:
+        return None if table is None else table.version()
+    low, high = 0, table.version() - 1  # invariant: the answer is in [low, high]; version 0 always qualifies
+    while low < high:
+        middle = (low + high + 1) // 2
+        if (open_table(store, name, version=middle).transaction_version(app_id) or 0) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def open_dataset(
@@ -148,8 +156,8 @@ def open_dataset(
 ) -> ButterDataset:
     """Open ``store`` as it is now, as release ``release``, or as of ``runs`` table version ``version``.
 
-    A version number names a state of ``runs``; ``epochs`` and ``summaries`` are opened as they were when
-    that version was committed (the publisher commits a batch's epochs before its runs).
+    A version number names a state of ``runs``; ``epochs`` is opened at its last version holding no batch
+    newer than that runs version, and ``summaries`` at its last version computed from runs no newer.
     """
     if release is not None and version is not None:
         raise ReadError("give a release or a version, not both")
@@ -162,28 +170,32 @@ def open_dataset(
         manifest = load_release(opened, release)
         return ButterDataset(opened, dict(manifest["versions"]), release=manifest)
     if version is None:
-        versions = {name: _latest(opened, name) for name in TABLE_SCHEMAS}
-        return ButterDataset(opened, versions)
+        return ButterDataset(opened, _latest_consistent(opened))
     runs = open_table(opened, "runs")
     if runs is None or not 0 <= version <= runs.version():
         latest = "none" if runs is None else str(runs.version())
         raise ReadError(f"store {opened.uri}: runs has no version {version} (latest: {latest})")
-    committed = _commit_time(opened, "runs", version)
-    versions = {"runs": version} | {name: _as_of(opened, name, committed) for name in ("epochs", "summaries")}
+    batch = open_table(opened, "runs", version=version).transaction_version(PUBLISHER_APP_ID) or 0
+    versions = {
+        "runs": version,
+        "epochs": _last_version_within(opened, "epochs", PUBLISHER_APP_ID, batch),
+        "summaries": _last_version_within(opened, "summaries", SUMMARIZER_APP_ID, version),
+    }
     return ButterDataset(opened, versions)
 
 
-def _commit_time(store: Store, name: str, version: int) -> datetime:
-    """When ``version`` of table ``name`` was committed, from its log entry (``history()`` of delta-rs
-    1.6 mislabels versions on a table opened at an older version)."""
-    entry = store.fs.cat_file(store.path(name, "_delta_log", f"{version:020d}.json")).decode()
-    for line in entry.splitlines():
-        action = json.loads(line)
-        if "commitInfo" in action:
-            return datetime.fromtimestamp(action["commitInfo"]["timestamp"] / 1000, UTC)
-    raise ReadError(f"{name} version {version} has no commit time in its log")
-
-
-def _latest(store: Store, name: str) -> int | None:
-    table = open_table(store, name)
-    return None if table is None else table.version()
+def _latest_consistent(store: Store) -> dict[str, int | None]:
+    """The latest versions, except that ``epochs`` ahead of ``runs`` (a publish between its two commits)
+    is opened as it was at the last ``runs`` commit: readers never see epochs of unpublished runs."""
+    tables = {name: open_table(store, name) for name in TABLE_SCHEMAS}
+    versions = {name: (None if table is None else table.version()) for name, table in tables.items()}
+    runs, epochs = tables["runs"], tables["epochs"]
+    ahead = (
+        runs is not None
+        and epochs is not None
+        and (epochs.transaction_version(PUBLISHER_APP_ID) or 0) > (runs.transaction_version(PUBLISHER_APP_ID) or 0)
+    )
+    if ahead:
+        batch = runs.transaction_version(PUBLISHER_APP_ID) or 0
+        versions["epochs"] = _last_version_within(store, "epochs", PUBLISHER_APP_ID, batch)
+    return versions

@@ -20,7 +20,7 @@ from deltalake import DeltaTable
 from butter_pipeline.errors import ReleaseError
 from butter_pipeline.schemas import SCHEMA_VERSION
 from butter_pipeline.store import Store, create_exclusive
-from butter_pipeline.tables import TABLE_SCHEMAS, open_table
+from butter_pipeline.tables import TABLE_SCHEMAS, arrow_dataset, open_table
 
 RELEASES = "releases"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -57,7 +57,9 @@ def _manifest(store: Store, name: str, description: str) -> dict:
         raise ReleaseError(f"store {store.uri}: nothing is published yet, so there is nothing to release")
     versions = {table: (None if dt is None else dt.version()) for table, dt in tables.items()}
     rows = {table: _row_count(dt) for table, dt in tables.items()}
-    runs = tables["runs"].to_pyarrow_dataset().to_table(columns=["status", "dataset", "experiment_id", "sweeps"])
+    runs = arrow_dataset(store, tables["runs"], "runs").to_table(
+        columns=["status", "dataset", "experiment_id", "sweeps"]
+    )
     statuses = runs.group_by("status").aggregate([("status", "count")]).to_pylist()
     datasets = runs.group_by("dataset").aggregate([("dataset", "count")]).to_pylist()
     sweeps = pc.unique(pc.list_flatten(runs["sweeps"])).to_pylist() if runs.num_rows else []

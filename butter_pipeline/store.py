@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
+import pyarrow.fs as pafs
 
 from butter_pipeline.errors import StoreError
 
@@ -46,6 +47,27 @@ class Store:
     def path(self, *parts: str) -> str:
         """A path inside the store, as ``fs`` names it."""
         return "/".join([self.root.rstrip("/"), *parts])
+
+    def arrow_filesystem(self, *parts: str) -> pafs.FileSystem:
+        """A pyarrow filesystem rooted at ``parts`` inside the store, for reading Parquet natively.
+
+        Readers use it instead of the filesystem delta-rs hands to pyarrow, whose Rust runtime can abort
+        the interpreter at exit ("terminate called without an active exception", deltalake 1.6).
+        """
+        if self.is_local:
+            return pafs.SubTreeFileSystem(self.path(*parts), pafs.LocalFileSystem())
+        options = self.storage_options
+        endpoint = options.get("AWS_ENDPOINT_URL")
+        s3 = pafs.S3FileSystem(
+            access_key=options.get("AWS_ACCESS_KEY_ID"),
+            secret_key=options.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=options.get("AWS_SESSION_TOKEN"),
+            region=options.get("AWS_REGION"),
+            endpoint_override=endpoint.split("://", 1)[1] if endpoint else None,
+            scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+            anonymous=not options.get("AWS_ACCESS_KEY_ID"),
+        )
+        return pafs.SubTreeFileSystem(self.path(*parts), s3)
 
     def table_uri(self, name: str) -> str:
         """The URI delta-rs opens for table ``name``."""

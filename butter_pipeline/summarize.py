@@ -28,9 +28,17 @@ from butter_pipeline.schemas import (
     SUMMARY_EXPERIMENT_COLUMNS,
 )
 from butter_pipeline.store import Store
-from butter_pipeline.tables import TARGET_FILE_BYTES, in_layout_order, open_or_create, open_table, writer_properties
+from butter_pipeline.tables import (
+    SUMMARIZER_APP_ID,
+    TARGET_FILE_BYTES,
+    arrow_dataset,
+    in_layout_order,
+    open_or_create,
+    open_table,
+    writer_properties,
+)
 
-APP_ID = "butter-summarizer"
+APP_ID = SUMMARIZER_APP_ID
 TRAINED = ("complete", "diverged")
 EXPERIMENTS_PER_COMMIT = 2000  # bounds memory and the size of the replace predicate
 SUMMARY_METRICS = tuple(f"{side}_{metric}" for side in ("train", "test") for metric in ("loss", *SUMMARIZED_METRICS))
@@ -177,7 +185,7 @@ def summarize(runs: pyarrow.Table, epochs: pyarrow.Table, runs_version: int) -> 
 
 def _added_files(runs: DeltaTable, since: int | None, store: Store) -> ds.Dataset:
     """The part of ``runs`` added after version ``since`` (all of it when ``since`` is None)."""
-    dataset = runs.to_pyarrow_dataset()
+    dataset = arrow_dataset(store, runs, "runs")
     if since is None:
         return dataset
     before = open_table(store, "runs", version=since)
@@ -209,15 +217,18 @@ def update_summaries(store: Store) -> SummarizeReport:
     since = summaries.transaction_version(APP_ID)
     if since is not None and since >= current:
         return SummarizeReport(0, 0, since, 0)
-    work = [
-        (key, ids[start : start + EXPERIMENTS_PER_COMMIT])
+    slices = [
+        (key, ids[i : i + EXPERIMENTS_PER_COMMIT])
         for key, ids in _changed(runs, since, store).items()
-        for start in range(0, len(ids), EXPERIMENTS_PER_COMMIT)
+        for i in range(0, len(ids), EXPERIMENTS_PER_COMMIT)
     ]
-    runs_data, epochs_data = runs.to_pyarrow_dataset(), epochs.to_pyarrow_dataset()
+    runs_data, epochs_data = arrow_dataset(store, runs, "runs"), arrow_dataset(store, epochs, "epochs")
     epoch_columns = ["run_id", "experiment_id", "epoch", *SUMMARY_METRICS]
     experiments = rows = commits = 0
-    for i, ((dataset, shape, depth), ids) in enumerate(work):
+    pending: list[pyarrow.Table] = []
+    pending_ids: dict[str, list[str]] = defaultdict(list)  # dataset -> experiments in ``pending``
+    for i, ((dataset, shape, depth), ids) in enumerate(slices):
+        # read one (dataset, shape, depth) slice at a time: row-group statistics skip the rest
         chosen = (
             (pc.field("dataset") == dataset)
             & (pc.field("shape") == shape)
@@ -227,19 +238,25 @@ def update_summaries(store: Store) -> SummarizeReport:
         summary = summarize(
             runs_data.to_table(filter=chosen), epochs_data.to_table(columns=epoch_columns, filter=chosen), current
         )
-        last = i == len(work) - 1
-        _replace(summaries, summary, dataset, ids, transaction=(APP_ID, current) if last else None)
-        experiments, rows, commits = experiments + len(ids), rows + summary.num_rows, commits + 1
-    if not work:  # runs changed without new files (none in practice): still record the version covered
-        _replace(summaries, SUMMARIES_SCHEMA.empty_table(), None, [], transaction=(APP_ID, current))
+        pending.append(summary)
+        pending_ids[dataset] += ids
+        experiments, rows = experiments + len(ids), rows + summary.num_rows
+        last = i == len(slices) - 1
+        if last or sum(map(len, pending_ids.values())) >= EXPERIMENTS_PER_COMMIT:
+            transaction = (APP_ID, current) if last else None
+            _replace(summaries, pyarrow.concat_tables(pending), pending_ids, transaction=transaction)
+            commits += 1
+            pending, pending_ids = [], defaultdict(list)
+    if not slices:  # runs changed without new files (none in practice): still record the version covered
+        _replace(summaries, SUMMARIES_SCHEMA.empty_table(), {}, transaction=(APP_ID, current))
         commits += 1
     return SummarizeReport(experiments, rows, current, commits)
 
 
 def _replace(
-    summaries: DeltaTable, rows: pyarrow.Table, dataset: str | None, ids: list[str], *, transaction: tuple | None
+    summaries: DeltaTable, rows: pyarrow.Table, experiments: dict[str, list[str]], *, transaction: tuple | None
 ) -> None:
-    """Replace the summary rows of experiments ``ids`` of ``dataset`` by ``rows``, in one commit."""
+    """Replace the summary rows of ``experiments`` (dataset -> ids) by ``rows``, in one commit."""
     commit = CommitProperties(app_transactions=[Transaction(*transaction)] if transaction else None)
     options = {
         "partition_by": list(PARTITION_COLUMNS),
@@ -247,10 +264,12 @@ def _replace(
         "writer_properties": writer_properties("summaries"),
         "commit_properties": commit,
     }
-    if dataset is None:
+    if not experiments:
         write_deltalake(summaries, rows, mode="append", **options)
         return
     # Ids and dataset names are checked by the data contract ([0-9a-f]{24}, task names), so quoting is safe.
-    listed = ", ".join(f"'{i}'" for i in ids)
-    predicate = f"dataset = '{dataset}' AND experiment_id IN ({listed})"
+    predicate = " OR ".join(
+        f"(dataset = '{dataset}' AND experiment_id IN ({', '.join(repr(i) for i in ids)}))"
+        for dataset, ids in sorted(experiments.items())
+    )
     write_deltalake(summaries, in_layout_order(rows, "summaries"), mode="overwrite", predicate=predicate, **options)

@@ -20,6 +20,7 @@ This module imports no torch and no Prefect: consumers reach it through ``butter
 from __future__ import annotations
 
 import pyarrow
+import pyarrow.dataset as ds
 from deltalake import ColumnProperties, CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -32,6 +33,8 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
     "epochs": ("shape", "depth", "size", "experiment_id", "run_id", "epoch"),
     "summaries": ("shape", "depth", "size", "experiment_id", "epoch"),
 }
+PUBLISHER_APP_ID = "butter-publisher"  # app transaction on publisher commits: the batch number
+SUMMARIZER_APP_ID = "butter-summarizer"  # on a summarize pass's last commit: the runs version it covered
 TARGET_FILE_BYTES = 128 * 1024 * 1024
 ROW_GROUP_ROWS = 32_768
 ZSTD_LEVEL = 9
@@ -62,6 +65,11 @@ def open_table(store: Store, name: str, version: int | None = None) -> DeltaTabl
         return DeltaTable(store.table_uri(name), version=version, storage_options=store.storage_options or None)
     except TableNotFoundError:
         return None
+
+
+def arrow_dataset(store: Store, table: DeltaTable, name: str, **options: object) -> ds.Dataset:
+    """The lazy pyarrow dataset of ``table`` (table ``name`` of ``store``), read with pyarrow's own IO."""
+    return table.to_pyarrow_dataset(filesystem=store.arrow_filesystem(name), **options)
 
 
 def open_or_create(store: Store, name: str) -> DeltaTable:

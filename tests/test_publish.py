@@ -16,6 +16,7 @@ from deltalake import DeltaTable
 
 from butter_pipeline import publish as publishing
 from butter_pipeline.plan import done_run_ids
+from butter_pipeline.read import open_dataset
 from butter_pipeline.record import epochs_table, runs_table
 from butter_pipeline.stage import quarantined_units, stage_result, staged_units
 from butter_pipeline.store import open_store
@@ -36,9 +37,8 @@ def _stage_all(store, results):
 
 
 def _counts(store):
-    runs = DeltaTable(store.table_uri("runs"), storage_options=store.storage_options or None)
-    epochs = DeltaTable(store.table_uri("epochs"), storage_options=store.storage_options or None)
-    return runs.to_pyarrow_table().num_rows, epochs.to_pyarrow_table().num_rows
+    data = open_dataset(store.uri)
+    return data.runs().num_rows, data.epochs().num_rows
 
 
 def test_publish_is_exactly_once(tmp_path, results):
@@ -98,7 +98,7 @@ def test_result_breaking_the_schema_is_quarantined_not_published(tmp_path, resul
     assert outcome.status == "quarantined" and outcome.problems >= 2
     stage_result(store, good.run.run_id, runs_table([good]), epochs_table([good]))
     publishing.publish(store)
-    runs = DeltaTable(store.table_uri("runs")).to_pyarrow_table()
+    runs = open_dataset(store.uri).runs()
     assert runs.column("run_id").to_pylist() == [good.run.run_id]
     assert quarantined_units(store) == [bad.run.run_id]
     report = json.loads(store.fs.cat_file(store.path("quarantine", bad.run.run_id, "report.json")))
