@@ -12,15 +12,18 @@ writes their epochs with the same layout, to compare real and synthetic bytes pe
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import tempfile
 import time
 from contextlib import ExitStack
 
+import numpy as np
 import pyarrow
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from butter_pipeline.maintain import maintain
 from butter_pipeline.publish import publish
@@ -29,7 +32,7 @@ from butter_pipeline.s3server import seaweedfs
 from butter_pipeline.stage import stage_result
 from butter_pipeline.store import Store, open_store
 from butter_pipeline.synthetic import synthetic_tables
-from butter_pipeline.tables import open_table
+from butter_pipeline.tables import ZSTD_LEVEL, open_table
 
 RUNS_PER_UNIT = 50  # like a vectorized group: a few dozen runs per staged unit
 
@@ -147,10 +150,45 @@ def _real_bytes_per_run_epoch(folder: str) -> tuple[float, int]:
     spec = parse_spec({"name": "real", "repetitions": 4, "grid": grid}, source="benchmark")
     results = [r for group in group_runs(list(plan_runs(spec))) for r in train_runs(group)]
     store = open_store(folder)
-    stage_result(store, "real", runs_table(results), epochs_table(results))
+    epochs = epochs_table(results)
+    stage_result(store, "real", runs_table(results), epochs)
     publish(store)
     run_epochs = sum(r.epochs_recorded for r in results)
+    _print_precision_trade_off(epochs)
     return _table_bytes(store, "epochs") / run_epochs, run_epochs
+
+
+def _rounded(values: np.ndarray, bits: int) -> np.ndarray:
+    """float32 ``values`` rounded to ``bits`` mantissa bits (round half to even); non-finite kept."""
+    raw = values.astype(np.float32).view(np.uint32)
+    drop = np.uint32(23 - bits)
+    half = np.uint32(1 << (23 - bits - 1)) - np.uint32(1)
+    rounded = ((raw + half + ((raw >> drop) & np.uint32(1))) & ~np.uint32((1 << (23 - bits)) - 1)).view(np.float32)
+    return np.where(np.isfinite(values) & np.isfinite(rounded), rounded, values)
+
+
+def _print_precision_trade_off(epochs: pyarrow.Table) -> None:
+    """What rounding the metrics (not done by butter) would save: bytes per run-epoch of real curves."""
+    floats = [f.name for f in epochs.schema if pyarrow.types.is_floating(f.type)]
+    ordered = epochs.sort_by([("run_id", "ascending"), ("epoch", "ascending")])
+    for bits in (23, 16, 12, 10):
+        table = ordered
+        for name in floats:
+            values = _rounded(table[name].to_numpy(zero_copy_only=False), bits) if bits < 23 else table[name]
+            table = table.set_column(table.schema.get_field_index(name), name, pyarrow.array(values, pyarrow.float32()))
+        sink = io.BytesIO()
+        pq.write_table(
+            table,
+            sink,
+            compression="zstd",
+            compression_level=ZSTD_LEVEL,
+            use_byte_stream_split=floats,
+            use_dictionary=[c for c in table.column_names if c not in floats],
+        )
+        error = 2.0 ** -(bits + 1)
+        print(
+            f"  {bits:2d} mantissa bits (relative error <= {error:.1e}): {len(sink.getvalue()) / table.num_rows:.1f} B"
+        )
 
 
 def main() -> None:
@@ -178,8 +216,9 @@ def main() -> None:
             for name, value in figures.items():
                 print(f"  {name:40s} {value:,.4g}")
         if args.real:
+            print("\nreal curves, epochs written as one file, by metric precision:")
             per_run_epoch, rows = _real_bytes_per_run_epoch(os.path.join(folder, "real"))
-            print(f"\nreal curves: {per_run_epoch:.1f} bytes per run-epoch over {rows:,} run-epochs")
+            print(f"real curves: {per_run_epoch:.1f} bytes per run-epoch over {rows:,} run-epochs (published)")
 
 
 if __name__ == "__main__":
