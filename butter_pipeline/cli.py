@@ -301,6 +301,70 @@ def export(
     out.print(f"exported {report.runs} runs in {report.files} files to {report.path}")
 
 
+@app.command()
+def status(
+    sweep: Annotated[str | None, typer.Argument(help="Only this sweep (a preset name or a sweep .toml file).")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Show each sweep's progress in the store: done, failed, remaining, pace and time left."""
+    from rich.progress_bar import ProgressBar
+
+    from butter_pipeline.plan import make_plan
+    from butter_pipeline.progress import STATUSES, sweep_progress
+    from butter_pipeline.sweep import load_spec, preset_names
+
+    try:
+        target = _existing(store)
+        planned: dict[str, int] = {}
+        if sweep is not None:
+            spec = load_spec(sweep)
+            planned[spec.name] = make_plan(spec, set(), materialize=False).runs
+        rows = sweep_progress(target, planned)
+        if sweep is not None:
+            rows = [p for p in rows if p.sweep == spec.name]
+        for p in rows:  # sweeps named after a preset: their size is known here
+            if p.planned is None and p.sweep in preset_names():
+                p.planned = make_plan(load_spec(p.sweep), set(), materialize=False).runs
+    except ButterError as exc:
+        _fail(exc)
+    table = Table("sweep", "progress", "done", *STATUSES, "staged", "remaining", "runs/hour", "time left")
+    for p in rows:
+        bar = ProgressBar(total=p.planned or 1, completed=p.done if p.planned else 0, width=24)
+        table.add_row(
+            p.sweep,
+            bar if p.planned else "(spec unknown)",
+            f"{p.done:,}" + ("" if p.fraction is None else f" ({p.fraction:.0%})"),
+            *(f"{p.by_status.get(s, 0):,}" for s in STATUSES),
+            f"{p.staged:,}",
+            "?" if p.remaining is None else f"{p.remaining:,}",
+            "-" if p.runs_per_hour is None else f"{p.runs_per_hour:,.0f}",
+            "-" if p.seconds_left is None else _duration(p.seconds_left),
+        )
+    if not rows:
+        out.print(f"no runs in {target.uri} yet" + (f" for sweep {sweep}" if sweep else ""))
+        return
+    out.print(table)
+
+
+@app.command()
+def serve(
+    store: StoreOpt = DEFAULT_STORE,
+    verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+) -> None:
+    """Serve the sweep, publish, summarize and maintain deployments from this process (Ctrl-C stops).
+
+    Needs a Prefect server (PREFECT_API_URL): start one with `prefect server start` or infra/local.
+    """
+    from butter_pipeline.orchestrate import apply_prefect_defaults, serve_deployments
+
+    apply_prefect_defaults(quiet=not verbose)
+    try:
+        _reachable(store)
+        serve_deployments(store)
+    except ButterError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     try:
         app()

@@ -45,3 +45,7 @@ class ReadError(ButterError):
 
 class ExportError(ButterError):
     """Raised when an export target cannot be used."""
+
+
+class StagingError(ButterError):
+    """A staged file that cannot be published as it is."""

@@ -22,6 +22,8 @@ from butter_pipeline.train import RunResult
 from butter_pipeline.validate import find_problems
 from butter_pipeline.vtrain import group_runs, train_runs
 
+DEFAULT_RUN_ATTEMPTS = 3
+
 
 def _set_threads(threads: int | None) -> None:
     # One single-threaded worker per core beats one multi-threaded worker on small networks (design.md).
@@ -53,17 +55,41 @@ def stage_results(store: Store, unit: str, results: list[RunResult]) -> list[Sta
     return outcomes
 
 
+def run_attempts() -> int:
+    """How many times a run that raises is trained before it is recorded as ``failed``."""
+    return max(1, int(os.environ.get("BUTTER_RUN_ATTEMPTS", DEFAULT_RUN_ATTEMPTS)))
+
+
+def train_with_retries(group: list[Run], attempts: int) -> list[RunResult]:
+    """Train ``group``; runs that fail are trained again, alone, up to ``attempts`` times in all.
+
+    A failure is usually transient on a shared machine (memory pressure, a device reset); a run that keeps
+    failing is recorded as ``failed`` with its last error and the number of attempts, and the sweep goes on.
+    """
+    results = train_runs(group)
+    for attempt in range(2, attempts + 1):
+        retry = [i for i, result in enumerate(results) if result.status == "failed"]
+        if not retry:
+            break
+        again = {result.run.run_id: result for result in train_runs([results[i].run for i in retry])}
+        for i in retry:
+            results[i] = again[results[i].run.run_id]
+            results[i].attempts = attempt
+    return results
+
+
 def run_chunk(store_uri: str, runs: list[Run], *, threads: int | None = None) -> dict[str, int]:
     """Train, validate and stage every run of a chunk; returns counts of runs by outcome and by status."""
     _set_threads(threads)
     store = open_store(store_uri, create=False)
+    attempts = run_attempts()
     counts: Counter[str] = Counter()
     for group in group_runs(runs):
         unit = unit_id(group)
         if is_staged(store, unit):
             counts["already-staged"] += len(group)
             continue
-        results = train_runs(group)
+        results = train_with_retries(group, attempts)
         for outcome in stage_results(store, unit, results):
             counts[outcome.status] += outcome.runs
         counts.update(f"status:{result.status}" for result in results)

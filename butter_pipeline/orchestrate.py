@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from butter_pipeline.errors import ClusterError
 
@@ -75,15 +76,44 @@ def check_scheduler(address: str, *, timeout_s: float = 10.0) -> None:
     client.close()
 
 
+@dataclass(frozen=True)
+class ClusterWorkers:
+    """Addresses of a Dask cluster's workers, split by whether they declare a ``GPU`` resource."""
+
+    gpu: tuple[str, ...] = ()
+    cpu: tuple[str, ...] = ()
+
+
+def cluster_workers(address: str, *, timeout_s: float = 10.0) -> ClusterWorkers:
+    """Ask the scheduler at ``address`` which workers it has and which of them declare ``GPU``."""
+    from distributed import Client
+
+    check_scheduler(address, timeout_s=timeout_s)
+    with Client(address, timeout=f"{timeout_s}s", set_as_default=False) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    gpu = sorted(a for a, info in workers.items() if info.get("resources", {}).get("GPU", 0) > 0)
+    cpu = sorted(a for a in workers if a not in gpu)
+    return ClusterWorkers(tuple(gpu), tuple(cpu))
+
+
 def run_sweep_flow(
     *, sweep: str, store: str, workers: int | None, dask_address: str | None, max_runs: int | None
 ) -> dict[str, object]:
     """Run the sweep flow to completion and return its summary."""
-    from prefect_dask import DaskTaskRunner
+    from butter_pipeline.flows.sweep import sweep_flow
 
-    from butter_pipeline.flows.sweep import local_cluster_runner, sweep_flow
-
-    runner = DaskTaskRunner(address=dask_address) if dask_address else local_cluster_runner(workers)
     with prefect_api():
         logging.getLogger("distributed").setLevel(logging.ERROR)
-        return sweep_flow.with_options(task_runner=runner)(sweep=sweep, store=store, max_runs=max_runs, workers=workers)
+        return sweep_flow(sweep=sweep, store=store, max_runs=max_runs, dask_address=dask_address, workers=workers)
+
+
+def serve_deployments(store: str) -> None:
+    """Serve butter's deployments from this process until interrupted, on the configured Prefect server
+    (or a temporary one, whose UI address is printed)."""
+    from prefect import serve
+
+    from butter_pipeline.flows.deployments import runner_deployments
+
+    with prefect_api() as url:
+        print(f"serving butter's deployments on {url.removesuffix('/api')} (Ctrl-C stops)", flush=True)
+        serve(*runner_deployments(store), print_starting_message=False)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -123,3 +123,85 @@ def chunk_runs(runs: Iterable[Run], *, workers: int) -> list[list[Run]]:
         chunks[lightest].extend(group)
         loads[lightest] += cost[id(group)]
     return [chunk for chunk in chunks if chunk]
+
+
+# Routing: "work" is parameters x training examples x epochs of one run (the cost model of issue 6, times
+# the repetitions when summed over an experiment). A run at or above GPU_MIN_WORK is heavy: it goes to a
+# worker that declares a GPU resource when the cluster has one. In BUTTER's primary sweep (3000 epochs)
+# the default sends the third of experiments at >= 1e13 (e.g. 2^16 parameters on connect_4) to GPUs:
+# 99 % of the sweep's estimated time; the rest is step-overhead bound and runs as well on a CPU core.
+GPU_MIN_WORK = 1e13
+# A chunk (one Prefect task) holds minutes of work; huge sweeps get longer chunks so that one flow run
+# never makes more than MAX_CHUNKS Prefect task runs (the server degrades beyond tens of thousands).
+CHUNK_SECONDS = (5.0, 1800.0)
+MAX_CHUNKS = 5000
+MAX_RUNS_PER_STREAMED_CHUNK = 4096
+
+
+def work_of(experiment: Experiment) -> float:
+    """Parameters x training examples x epochs of one run (parameters taken as the target size)."""
+    rows = task_rows(experiment.dataset)
+    train_rows = rows - math.ceil(experiment.test_split * rows)
+    return float(experiment.size) * train_rows * experiment.epochs
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A Prefect task's worth of runs: whole stacked-model groups of one device class."""
+
+    runs: list[Run]
+    seconds: float  # estimated single-core seconds
+    gpu: bool  # heavy: send to a GPU worker when the cluster has one
+
+
+def chunk_seconds(todo_seconds: float, workers: int) -> float:
+    """Target seconds per chunk: four chunks per worker, within CHUNK_SECONDS, at most MAX_CHUNKS chunks."""
+    low, high = CHUNK_SECONDS
+    balanced = todo_seconds / (4 * max(workers, 1))
+    return max(min(max(balanced, low), high), todo_seconds / MAX_CHUNKS)
+
+
+def stream_chunks(
+    spec: SweepSpec,
+    done: set[str] | frozenset[str],
+    *,
+    target_seconds: float,
+    gpu_min_work: float = GPU_MIN_WORK,
+    max_runs: int | None = None,
+) -> Iterator[Chunk]:
+    """The runs of ``spec`` not in ``done``, in grid order, cut into chunks of about ``target_seconds``.
+
+    Lazy: memory holds one pending chunk per device class, never the sweep, so that planning BUTTER's
+    primary sweep (850k runs) stays small. Rejected experiments still pass through: their runs are
+    recorded as ``rejected`` by the worker, at no cost.
+    """
+    pending: dict[bool, list[Run]] = {False: [], True: []}
+    seconds = {False: 0.0, True: 0.0}
+    emitted = 0
+
+    def flush(heavy: bool) -> Iterator[Chunk]:
+        runs, cost = pending[heavy], seconds[heavy]
+        pending[heavy], seconds[heavy] = [], 0.0
+        if runs:
+            yield Chunk([run for group in group_runs(runs) for run in group], cost, heavy)
+
+    for experiment in expand(spec):
+        exp_id = experiment.experiment_id
+        conformant = _conformant(experiment.dataset, experiment.shape, experiment.size, experiment.depth)
+        per_run = estimated_seconds(experiment) if conformant else 0.0
+        heavy = conformant and work_of(experiment) >= gpu_min_work
+        for repetition in range(spec.repetitions):
+            if max_runs is not None and emitted >= max_runs:
+                break
+            rid = run_id(exp_id, repetition)
+            if rid in done:
+                continue
+            pending[heavy].append(Run(experiment, exp_id, repetition, rid, seed_of(rid), spec.name))
+            seconds[heavy] += per_run
+            emitted += 1
+        if seconds[heavy] >= target_seconds or len(pending[heavy]) >= MAX_RUNS_PER_STREAMED_CHUNK:
+            yield from flush(heavy)
+        if max_runs is not None and emitted >= max_runs:
+            break
+    yield from flush(False)
+    yield from flush(True)

@@ -25,9 +25,9 @@ import pyarrow
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from butter_pipeline.errors import PublishConflict
+from butter_pipeline.errors import PublishConflict, StagingError
 from butter_pipeline.failpoints import failpoint
-from butter_pipeline.schemas import EPOCHS_SCHEMA, RUNS_SCHEMA
+from butter_pipeline.schemas import ADDED_COLUMN_DEFAULTS, EPOCHS_SCHEMA, RUNS_SCHEMA
 from butter_pipeline.stage import read_staged, remove_staged, staged_epoch_rows, staged_units
 from butter_pipeline.store import Store, create_exclusive
 from butter_pipeline.tables import PUBLISHER_APP_ID, append, arrow_dataset, open_or_create, open_table
@@ -85,13 +85,38 @@ def _write_pending(store: Store, record: dict) -> None:
     store.fs.pipe_file(path, json.dumps(record).encode())
 
 
+def upgrade(table: pyarrow.Table, schema: pyarrow.Schema, what: str) -> pyarrow.Table:
+    """``table`` in ``schema``: columns added by a later minor contract version are filled in.
+
+    Work staged by an older worker (a sweep that outlives an upgrade) lacks them: nullable ones become
+    null, the others take their documented default. Anything else that does not fit is refused by name.
+    """
+    columns = []
+    try:
+        for field in schema:
+            if field.name in table.column_names:
+                columns.append(table[field.name].cast(field.type))
+            elif field.nullable:
+                columns.append(pyarrow.nulls(table.num_rows, field.type))
+            elif field.name in ADDED_COLUMN_DEFAULTS:
+                columns.append(pyarrow.array([ADDED_COLUMN_DEFAULTS[field.name]] * table.num_rows, field.type))
+            else:
+                raise StagingError(f"{what}: column {field.name!r} is missing and has no default")
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, pyarrow.ArrowNotImplementedError) as exc:
+        raise StagingError(f"{what}: {str(exc).splitlines()[0]}") from None
+    unknown = sorted(set(table.column_names) - set(schema.names))
+    if unknown:
+        raise StagingError(f"{what}: column {unknown[0]!r} is not in the data contract")
+    return pyarrow.Table.from_arrays(columns, schema=schema)
+
+
 def _batch_tables(store: Store, units: list[str], added: set[str]) -> tuple[pyarrow.Table, pyarrow.Table]:
     """The rows of ``units`` whose runs are neither published nor in ``added``, each run once."""
     runs_parts, epochs_parts = [], []
     for unit in units:
         runs, epochs = read_staged(store, unit)
-        runs_parts.append(runs.cast(RUNS_SCHEMA))
-        epochs_parts.append(epochs.cast(EPOCHS_SCHEMA))
+        runs_parts.append(upgrade(runs, RUNS_SCHEMA, f"staged unit {unit}"))
+        epochs_parts.append(upgrade(epochs, EPOCHS_SCHEMA, f"staged unit {unit}"))
     runs = pyarrow.concat_tables(runs_parts) if runs_parts else RUNS_SCHEMA.empty_table()
     epochs = pyarrow.concat_tables(epochs_parts) if epochs_parts else EPOCHS_SCHEMA.empty_table()
     # A run can be staged twice (a sweep planned while its first copy was being published): keep the first

@@ -31,7 +31,18 @@ def sweeps_of(run: Run) -> list[str]:
     return names if run.sweep in names else [*names, run.sweep]
 
 
-def _run_row(result: RunResult, host: str, versions: dict[str, str]) -> dict[str, object]:
+def dask_worker_name() -> str | None:
+    """The name of the Dask worker this process is, or None outside Dask (never imports Dask itself)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    try:
+        return str(distributed.get_worker().name)
+    except ValueError:  # Dask is imported, but this is not one of its workers
+        return None
+
+
+def _run_row(result: RunResult, host: str, worker: str | None, versions: dict[str, str]) -> dict[str, object]:
     run, spec, task, layout = result.run, result.run.experiment, result.task, result.layout
     regularizer = spec.kernel_regularizer
     return {
@@ -75,6 +86,8 @@ def _run_row(result: RunResult, host: str, versions: dict[str, str]) -> dict[str
         "device": result.device,
         "vector_width": result.vector_width,
         "host": host,
+        "worker": worker,
+        "attempts": result.attempts,
         **versions,
         "schema_version": SCHEMA_VERSION,
     }
@@ -88,7 +101,8 @@ def runs_table(results: list[RunResult]) -> pyarrow.Table:
         "python_version": platform.python_version() or sys.version.split()[0],
     }
     host = socket.gethostname()
-    rows = [_run_row(result, host, versions) for result in results]
+    worker = dask_worker_name()
+    rows = [_run_row(result, host, worker, versions) for result in results]
     return pyarrow.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 

@@ -189,6 +189,8 @@ def _run_row(
         "device": "cpu",
         "vector_width": 1,
         "host": "synthetic",
+        "worker": None,
+        "attempts": 1,
         "butter_version": "synthetic",
         "torch_version": "none",
         "python_version": "3",

@@ -89,6 +89,10 @@ def open_or_create(store: Store, name: str) -> DeltaTable:
 def append(table: DeltaTable, data: pyarrow.Table, name: str, *, transaction: tuple[str, int] | None = None) -> None:
     """Append ``data`` in the table's layout as one commit, recording ``transaction`` (app id, version)."""
     commit = CommitProperties(app_transactions=[Transaction(*transaction)] if transaction else None)
+    # A minor contract version only adds nullable-or-defaulted columns: a table written under an older
+    # one gains them (older rows read as null) instead of refusing the append.
+    known = set(table.schema().to_arrow().names)
+    added = any(field.name not in known for field in TABLE_SCHEMAS[name])
     write_deltalake(
         table,
         in_layout_order(data, name),
@@ -97,4 +101,5 @@ def append(table: DeltaTable, data: pyarrow.Table, name: str, *, transaction: tu
         target_file_size=TARGET_FILE_BYTES,
         writer_properties=writer_properties(name),
         commit_properties=commit,
+        schema_mode="merge" if added else None,
     )

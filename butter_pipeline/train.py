@@ -47,6 +47,7 @@ class RunResult:
     eval_seconds: float = 0.0
     device: str = "cpu"
     vector_width: int = 1  # runs trained together in one stacked model (1: alone)
+    attempts: int = 1  # times the run was trained: more than 1 after a failure was retried
 
     @property
     def epochs_recorded(self) -> int:

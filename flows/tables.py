@@ -19,7 +19,11 @@ from butter_pipeline.store import DEFAULT_STORE, open_store
 
 @flow(name="butter-publish")
 def publish_flow(store: str = DEFAULT_STORE) -> dict[str, int | None]:
-    """Commit every staged unit of ``store`` into its Delta tables."""
+    """Commit every staged unit of a store into its Delta tables.
+
+    Args:
+        store: The dataset: a folder or s3://bucket/prefix.
+    """
     report = asdict(publishing.publish(open_store(store, create=False)))
     get_run_logger().info("published %(runs_added)s runs in %(commits)s commits", report)
     return report
@@ -27,7 +31,11 @@ def publish_flow(store: str = DEFAULT_STORE) -> dict[str, int | None]:
 
 @flow(name="butter-summarize")
 def summarize_flow(store: str = DEFAULT_STORE) -> dict[str, int | None]:
-    """Recompute the summaries of the experiments whose runs changed since the last pass."""
+    """Recompute the summaries of the experiments whose runs changed since the last pass.
+
+    Args:
+        store: The dataset: a folder or s3://bucket/prefix.
+    """
     target = open_store(store, create=False)
     with publishing.publisher_lock(target):
         report = asdict(summarizing.update_summaries(target))
@@ -39,6 +47,12 @@ def summarize_flow(store: str = DEFAULT_STORE) -> dict[str, int | None]:
 def maintain_flow(
     store: str = DEFAULT_STORE, zorder: bool = False, retention_hours: int = maintenance.DEFAULT_RETENTION_HOURS
 ) -> list[dict[str, int | str]]:
-    """Compact (or z-order), checkpoint and vacuum the tables; release files are always kept."""
+    """Compact (or z-order), checkpoint and vacuum the tables; release files are always kept.
+
+    Args:
+        store: The dataset: a folder or s3://bucket/prefix.
+        zorder: Z-order the files by shape, depth and size instead of compacting them.
+        retention_hours: Vacuum files that no version has used for this many hours (a week by default).
+    """
     reports = maintenance.maintain(open_store(store, create=False), zorder=zorder, retention_hours=retention_hours)
     return [asdict(r) for r in reports]

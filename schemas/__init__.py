@@ -13,7 +13,7 @@ import pandera.pandas as pa
 import pyarrow
 from pandera.typing import Series
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 PARTITION_COLUMNS = ("dataset",)
 # BUTTER's ten per-epoch metrics, recorded on the train and the test split; ``butter_pipeline.metrics``
 # implements them. Named here so that reading the contract needs no torch.
@@ -35,6 +35,8 @@ METRIC_COLUMNS: tuple[str, ...] = tuple(f"{side}_{m}" for side in ("train", "tes
 # of epochs from file and row-group statistics, and cost almost nothing once sorted and run-length encoded.
 RUN_KEYS_IN_EPOCHS: tuple[str, ...] = ("experiment_id", "dataset", "shape", "depth", "size")
 _UTC_MICROS = pyarrow.timestamp("us", tz="UTC")
+# Non-nullable columns added by a minor version, with the value that rows written before them take.
+ADDED_COLUMN_DEFAULTS: dict[str, object] = {"attempts": 1}
 
 RUNS_SCHEMA = pyarrow.schema(
     [
@@ -78,6 +80,8 @@ RUNS_SCHEMA = pyarrow.schema(
         pyarrow.field("device", pyarrow.string(), nullable=False),
         pyarrow.field("vector_width", pyarrow.int32(), nullable=False),
         pyarrow.field("host", pyarrow.string(), nullable=False),
+        pyarrow.field("worker", pyarrow.string(), nullable=True),
+        pyarrow.field("attempts", pyarrow.int32(), nullable=False),
         pyarrow.field("butter_version", pyarrow.string(), nullable=False),
         pyarrow.field("torch_version", pyarrow.string(), nullable=False),
         pyarrow.field("python_version", pyarrow.string(), nullable=False),
@@ -196,6 +200,8 @@ class RunsTable(pa.DataFrameModel):
     device: Series[str]
     vector_width: Series[np.int32] = pa.Field(ge=1)
     host: Series[str]
+    worker: Series[str] = pa.Field(nullable=True)
+    attempts: Series[np.int32] = pa.Field(ge=1)
     butter_version: Series[str]
     torch_version: Series[str]
     python_version: Series[str]
