@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from butter_pipeline.errors import ButterError, ExportError, StoreError
+from butter_pipeline.progress import format_duration
 from butter_pipeline.store import DEFAULT_STORE, Store, check_reachable, open_store
 
 app = typer.Typer(
@@ -34,11 +35,13 @@ SweepArg = Annotated[str, typer.Argument(help="A preset name (see `butter sweeps
 StoreOpt = Annotated[str, typer.Option("--store", help="A folder or s3://bucket/prefix.")]
 
 
-def _duration(seconds: float) -> str:
-    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds / size:,.1f} {unit}"
-    return f"{seconds:.0f} seconds"
+def _print_table(table: Table) -> None:
+    """Print ``table`` at its natural width even when piped (rich would squeeze it into 80 columns)."""
+    natural = out.measure(table, options=out.options.update_width(1000)).maximum
+    if out.is_terminal or natural <= out.width:
+        out.print(table)
+    else:  # Console.print caps its width at the console's own
+        Console(file=out.file, width=natural, soft_wrap=True).print(table)
 
 
 def _fail(error: ButterError) -> None:
@@ -56,7 +59,7 @@ def sweeps() -> None:
         spec = load_spec(name)
         experiments = sum(1 for _ in expand(spec))
         table.add_row(name, f"{experiments:,}", f"{experiments * spec.repetitions:,}", spec.description)
-    out.print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -85,7 +88,7 @@ def plan(
     if store:
         out.print(f"already in {store}: {result.done:,} runs; to train: {result.todo_runs:,}")
     out.print(
-        f"estimate: about {_duration(result.todo_seconds)} of CPU-core time with the reference trainer "
+        f"estimate: about {format_duration(result.todo_seconds)} of CPU-core time with the reference trainer "
         "(cost model in docs/performance.md)"
     )
 
@@ -276,7 +279,7 @@ def releases(store: StoreOpt = DEFAULT_STORE) -> None:
             ", ".join(m["sweeps"]),
             f"{v['runs']}/{v['epochs']}/{v['summaries']}",
         )
-    out.print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -338,12 +341,12 @@ def status(
             f"{p.staged:,}",
             "?" if p.remaining is None else f"{p.remaining:,}",
             "-" if p.runs_per_hour is None else f"{p.runs_per_hour:,.0f}",
-            "-" if p.seconds_left is None else _duration(p.seconds_left),
+            "-" if p.seconds_left is None else format_duration(p.seconds_left),
         )
     if not rows:
         out.print(f"no runs in {target.uri} yet" + (f" for sweep {sweep}" if sweep else ""))
         return
-    out.print(table)
+    _print_table(table)
 
 
 @app.command()

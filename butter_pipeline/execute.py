@@ -71,9 +71,8 @@ def train_with_retries(group: list[Run], attempts: int) -> list[RunResult]:
         retry = [i for i, result in enumerate(results) if result.status == "failed"]
         if not retry:
             break
-        again = {result.run.run_id: result for result in train_runs([results[i].run for i in retry])}
-        for i in retry:
-            results[i] = again[results[i].run.run_id]
+        for i in retry:  # alone: a run that keeps failing must not take its stacked-model mates with it
+            [results[i]] = train_runs([results[i].run])
             results[i].attempts = attempt
     return results
 

@@ -139,8 +139,9 @@ def _of_sweep(table: pyarrow.Table, name: str) -> pyarrow.Table:
     return table.filter(pyarrow.array(mask))
 
 
-def _duration(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+def format_duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that gives at least 2 of it: "3.5 hours", "40 seconds"."""
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= 2 * size:
             return f"{seconds / size:,.1f} {unit}"
     return f"{seconds:.0f} seconds"
@@ -167,7 +168,7 @@ def as_markdown(progress: list[SweepProgress], store_uri: str, now: datetime | N
             f"{p.staged:,}",
             "?" if p.remaining is None else f"{p.remaining:,}",
             "-" if p.runs_per_hour is None else f"{p.runs_per_hour:,.0f}",
-            "-" if p.seconds_left is None else _duration(p.seconds_left),
+            "-" if p.seconds_left is None else format_duration(p.seconds_left),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if not progress:

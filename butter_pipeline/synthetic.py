@@ -18,23 +18,8 @@ import pyarrow
 
 from butter_pipeline.ids import experiment_id, run_id, seed_of
 from butter_pipeline.schemas import EPOCHS_SCHEMA, METRIC_COLUMNS, RUNS_SCHEMA, SCHEMA_VERSION
+from butter_pipeline.tasks import TASK_FACTS as TASKS
 
-# (rows, input width, output width, task type, loss) of BUTTER's tasks, from schemas/README.md
-TASKS: dict[str, tuple[int, int, int, str, str]] = {
-    "201_pol": (15000, 26, 11, "classification", "categorical_crossentropy"),
-    "294_satellite_image": (6435, 36, 6, "regression", "mean_squared_error"),
-    "505_tecator": (240, 124, 1, "regression", "mean_squared_error"),
-    "529_pollen": (3848, 4, 1, "regression", "mean_squared_error"),
-    "537_houses": (20640, 8, 1, "regression", "mean_squared_error"),
-    "adult": (48842, 81, 1, "classification", "binary_crossentropy"),
-    "banana": (5300, 2, 1, "regression", "mean_squared_error"),
-    "connect_4": (67557, 126, 3, "classification", "categorical_crossentropy"),
-    "mnist": (70000, 784, 10, "classification", "categorical_crossentropy"),
-    "nursery": (12958, 26, 4, "classification", "categorical_crossentropy"),
-    "sleep": (105908, 141, 5, "classification", "categorical_crossentropy"),
-    "splice": (3188, 287, 3, "classification", "categorical_crossentropy"),
-    "wine_quality_white": (4898, 11, 7, "classification", "categorical_crossentropy"),
-}
 SHAPES = (
     "rectangle",
     "trapezoid",

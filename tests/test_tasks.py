@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from butter_pipeline.errors import DatasetChecksumError, DatasetError
-from butter_pipeline.tasks import DATASETS, load_task, manifest, resolve_file
+from butter_pipeline.tasks import DATASETS, TASK_FACTS, load_task, manifest, resolve_file
 from butter_pipeline.tasks._base import TaskFile, sha256_of
 from butter_pipeline.tasks._mnist import read_mnist
 from butter_pipeline.tasks._pmlb import read_pmlb_frame
@@ -152,3 +152,4 @@ def test_task_widths_are_the_ones_the_data_contract_documents():
         task = load_task(name)
         actual = [f"{len(task.x):,}", str(task.n_in), str(task.n_out), task.task_type, task.loss_name]
         assert actual == [rows_text, n_in, n_out, task_type, loss], name
+        assert TASK_FACTS[name] == (len(task.x), task.n_in, task.n_out, task.task_type, task.loss_name), name

@@ -19,8 +19,26 @@ from butter_pipeline.tasks._pmlb import TARGET_COLUMN, read_pmlb_frame
 from butter_pipeline.tasks.preprocess import encode_frame
 
 DATASETS: tuple[str, ...] = tuple(sorted(manifest()))
+# (rows, input width, output width, task type, loss) of each task after preprocessing, as the data contract
+# documents them (a test checks both against the loaded data): planning needs the widths of every task of a
+# sweep, and loading mnist and sleep just to count their columns costs seconds and hundreds of megabytes.
+TASK_FACTS: dict[str, tuple[int, int, int, str, str]] = {
+    "201_pol": (15000, 26, 11, "classification", "categorical_crossentropy"),
+    "294_satellite_image": (6435, 36, 6, "regression", "mean_squared_error"),
+    "505_tecator": (240, 124, 1, "regression", "mean_squared_error"),
+    "529_pollen": (3848, 4, 1, "regression", "mean_squared_error"),
+    "537_houses": (20640, 8, 1, "regression", "mean_squared_error"),
+    "adult": (48842, 81, 1, "classification", "binary_crossentropy"),
+    "banana": (5300, 2, 1, "regression", "mean_squared_error"),
+    "connect_4": (67557, 126, 3, "classification", "categorical_crossentropy"),
+    "mnist": (70000, 784, 10, "classification", "categorical_crossentropy"),
+    "nursery": (12958, 26, 4, "classification", "categorical_crossentropy"),
+    "sleep": (105908, 141, 5, "classification", "categorical_crossentropy"),
+    "splice": (3188, 287, 3, "classification", "categorical_crossentropy"),
+    "wine_quality_white": (4898, 11, 7, "classification", "categorical_crossentropy"),
+}
 
-__all__ = ["DATASETS", "Task", "data_home", "load_task", "manifest", "resolve_file"]
+__all__ = ["DATASETS", "TASK_FACTS", "Task", "data_home", "load_task", "manifest", "resolve_file"]
 
 
 @dataclass(frozen=True, eq=False)
