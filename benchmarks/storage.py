@@ -155,6 +155,7 @@ def _real_bytes_per_run_epoch(folder: str) -> tuple[float, int]:
     publish(store)
     run_epochs = sum(r.epochs_recorded for r in results)
     _print_precision_trade_off(epochs)
+    _print_butter_layout(epochs)
     return _table_bytes(store, "epochs") / run_epochs, run_epochs
 
 
@@ -191,11 +192,23 @@ def _print_precision_trade_off(epochs: pyarrow.Table) -> None:
         )
 
 
+def _print_butter_layout(epochs: pyarrow.Table) -> None:
+    """The same curves in BUTTER's own layout (one row per run, a list<float32> per metric, Brotli 7)."""
+    floats = [f.name for f in epochs.schema if pyarrow.types.is_floating(f.type)]
+    ordered = epochs.sort_by([("run_id", "ascending"), ("epoch", "ascending")])
+    per_run = ordered.group_by("run_id", use_threads=False).aggregate([(name, "list") for name in floats])
+    sink = io.BytesIO()
+    pq.write_table(per_run, sink, compression="brotli", compression_level=7)
+    print(
+        f"  BUTTER's layout of the same curves (list<float32>, brotli 7): {len(sink.getvalue()) / epochs.num_rows:.1f} B"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--stores", default="local,s3")
+    parser.add_argument("--stores", default="local,s3", help="comma-separated: local, s3; empty for none")
     parser.add_argument("--real", action="store_true", help="also measure real training curves")
     args = parser.parse_args()
 
@@ -204,7 +217,7 @@ def main() -> None:
     print(f"synthetic: {runs.num_rows:,} runs, {epochs.num_rows:,} run-epochs ({time.perf_counter() - t0:.0f} s)")
     with ExitStack() as stack:
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="butter-storage-"))
-        for kind in args.stores.split(","):
+        for kind in filter(None, args.stores.split(",")):
             if kind == "local":
                 store = open_store(os.path.join(folder, "local"))
             else:
