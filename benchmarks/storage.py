@@ -199,9 +199,8 @@ def _print_butter_layout(epochs: pyarrow.Table) -> None:
     per_run = ordered.group_by("run_id", use_threads=False).aggregate([(name, "list") for name in floats])
     sink = io.BytesIO()
     pq.write_table(per_run, sink, compression="brotli", compression_level=7)
-    print(
-        f"  BUTTER's layout of the same curves (list<float32>, brotli 7): {len(sink.getvalue()) / epochs.num_rows:.1f} B"
-    )
+    per_run_epoch = len(sink.getvalue()) / epochs.num_rows
+    print(f"  BUTTER's layout of the same curves (list<float32>, brotli 7): {per_run_epoch:.1f} B")
 
 
 def main() -> None:

@@ -134,6 +134,9 @@ GPU_MIN_WORK = 1e13
 # A chunk (one Prefect task) holds minutes of work; huge sweeps get longer chunks so that one flow run
 # never makes more than MAX_CHUNKS Prefect task runs (the server degrades beyond tens of thousands).
 CHUNK_SECONDS = (5.0, 1800.0)
+# Eight chunks per worker: the last chunks of a sweep leave workers idle while the others finish, for about
+# half a chunk each; at eight per worker that tail is a few per cent of the sweep.
+CHUNKS_PER_WORKER = 8
 MAX_CHUNKS = 5000
 MAX_RUNS_PER_STREAMED_CHUNK = 4096
 
@@ -155,9 +158,9 @@ class Chunk:
 
 
 def chunk_seconds(todo_seconds: float, workers: int) -> float:
-    """Target seconds per chunk: four chunks per worker, within CHUNK_SECONDS, at most MAX_CHUNKS chunks."""
+    """Target seconds per chunk: CHUNKS_PER_WORKER per worker, within CHUNK_SECONDS, at most MAX_CHUNKS."""
     low, high = CHUNK_SECONDS
-    balanced = todo_seconds / (4 * max(workers, 1))
+    balanced = todo_seconds / (CHUNKS_PER_WORKER * max(workers, 1))
     return max(min(max(balanced, low), high), todo_seconds / MAX_CHUNKS)
 
 

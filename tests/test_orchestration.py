@@ -334,3 +334,54 @@ def test_status_shows_each_sweeps_progress_from_the_tables_and_staging(tmp_path)
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if "smoke" in line)
     assert "10 (83%)" in line and " 4 " in line and " 2 " in line, result.stdout
+
+
+@pytest.mark.integration
+def test_butter_serve_runs_a_deployment_started_from_prefect(tmp_path, prefect_api_url):
+    """`butter serve` registers the deployments and runs a flow run started elsewhere (here: the CLI)."""
+    from butter_pipeline.stage import stage_result
+    from butter_pipeline.synthetic import synthetic_tables
+
+    store = open_store(tmp_path / "store")
+    runs, epochs = synthetic_tables(8, 4, datasets=("adult",), seed=5)
+    stage_result(store, "u1", runs, epochs)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    serve = subprocess.Popen(
+        [BIN / "butter", "serve", "--store", store.uri],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert "serving butter's deployments" in serve.stdout.readline()
+        from prefect.client.orchestration import get_client
+
+        # registered once serve() is running; a deployment of the same name made by `prefect deploy` (another
+        # test) belongs to a work pool until serve takes it over
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                try:
+                    if client.read_deployment_by_name("butter-publish/publish").work_pool_name is None:
+                        break
+                except Exception:  # not registered yet
+                    pass
+                time.sleep(0.5)
+        ran = subprocess.run(
+            [BIN / "prefect", "--no-prompt", "deployment", "run", "butter-publish/publish", "--watch"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert ran.returncode == 0 and "finished successfully" in ran.stdout, ran.stdout[-2000:] + ran.stderr
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+    assert open_dataset(store.uri).runs(columns=["run_id"]).num_rows == 8
+    assert staged_units(store) == []
