@@ -14,6 +14,7 @@ from collections import Counter
 
 import torch
 
+from butter_pipeline.checkpoint import Checkpoints, every_epochs
 from butter_pipeline.record import epochs_table, runs_table
 from butter_pipeline.stage import StageOutcome, is_staged, stage_result
 from butter_pipeline.store import Store, open_store
@@ -60,19 +61,19 @@ def run_attempts() -> int:
     return max(1, int(os.environ.get("BUTTER_RUN_ATTEMPTS", DEFAULT_RUN_ATTEMPTS)))
 
 
-def train_with_retries(group: list[Run], attempts: int) -> list[RunResult]:
+def train_with_retries(group: list[Run], attempts: int, checkpoints: Checkpoints | None = None) -> list[RunResult]:
     """Train ``group``; runs that fail are trained again, alone, up to ``attempts`` times in all.
 
     A failure is usually transient on a shared machine (memory pressure, a device reset); a run that keeps
     failing is recorded as ``failed`` with its last error and the number of attempts, and the sweep goes on.
     """
-    results = train_runs(group)
+    results = train_runs(group, checkpoints=checkpoints)
     for attempt in range(2, attempts + 1):
         retry = [i for i, result in enumerate(results) if result.status == "failed"]
         if not retry:
             break
         for i in retry:  # alone: a run that keeps failing must not take its stacked-model mates with it
-            [results[i]] = train_runs([results[i].run])
+            [results[i]] = train_runs([results[i].run], checkpoints=checkpoints)
             results[i].attempts = attempt
     return results
 
@@ -82,13 +83,14 @@ def run_chunk(store_uri: str, runs: list[Run], *, threads: int | None = None) ->
     _set_threads(threads)
     store = open_store(store_uri, create=False)
     attempts = run_attempts()
+    checkpoints = Checkpoints(store, every_epochs())
     counts: Counter[str] = Counter()
     for group in group_runs(runs):
         unit = unit_id(group)
         if is_staged(store, unit):
             counts["already-staged"] += len(group)
             continue
-        results = train_with_retries(group, attempts)
+        results = train_with_retries(group, attempts, checkpoints)
         for outcome in stage_results(store, unit, results):
             counts[outcome.status] += outcome.runs
         counts.update(f"status:{result.status}" for result in results)

@@ -10,13 +10,12 @@ A result that breaks the contract goes to ``quarantine/<unit_id>/`` with ``repor
 from __future__ import annotations
 
 import io
-import uuid
 from dataclasses import dataclass
 
 import pyarrow
 import pyarrow.parquet as pq
 
-from butter_pipeline.store import Store
+from butter_pipeline.store import Store, write_atomically
 from butter_pipeline.validate import find_problems, report_json
 
 STAGING, QUARANTINE = "staging", "quarantine"
@@ -29,19 +28,6 @@ class StageOutcome:
     status: str  # "staged", "already-staged" or "quarantined"
     runs: int
     problems: int = 0
-
-
-def _write_bytes(store: Store, path: str, payload: bytes) -> None:
-    """Write ``payload`` at ``path`` so that readers see all of it or nothing."""
-    if store.is_local:
-        parent = path.rsplit("/", 1)[0]
-        store.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with store.fs.open(tmp, "wb") as handle:
-            handle.write(payload)
-        store.fs.mv(tmp, path)
-    else:
-        store.fs.pipe_file(path, payload)
 
 
 def _parquet_bytes(table: pyarrow.Table) -> bytes:
@@ -61,12 +47,12 @@ def stage_result(store: Store, unit_id: str, runs: pyarrow.Table, epochs: pyarro
     problems = find_problems(runs, epochs)
     if problems:
         folder = (QUARANTINE, unit_id)
-        _write_bytes(store, store.path(*folder, REPORT_FILE), report_json(problems).encode())
-        _write_bytes(store, store.path(*folder, EPOCHS_FILE), _parquet_bytes(epochs))
-        _write_bytes(store, store.path(*folder, RUNS_FILE), _parquet_bytes(runs))
+        write_atomically(store, store.path(*folder, REPORT_FILE), report_json(problems).encode())
+        write_atomically(store, store.path(*folder, EPOCHS_FILE), _parquet_bytes(epochs))
+        write_atomically(store, store.path(*folder, RUNS_FILE), _parquet_bytes(runs))
         return StageOutcome(unit_id, "quarantined", runs.num_rows, len(problems))
-    _write_bytes(store, store.path(STAGING, unit_id, EPOCHS_FILE), _parquet_bytes(epochs))
-    _write_bytes(store, store.path(STAGING, unit_id, RUNS_FILE), _parquet_bytes(runs))
+    write_atomically(store, store.path(STAGING, unit_id, EPOCHS_FILE), _parquet_bytes(epochs))
+    write_atomically(store, store.path(STAGING, unit_id, RUNS_FILE), _parquet_bytes(runs))
     return StageOutcome(unit_id, "staged", runs.num_rows)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,20 @@ def check_reachable(store: Store) -> None:
     except Exception as exc:  # botocore raises many types (no credentials, endpoint down, ...)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StoreError(f"store {store.uri}: cannot reach the bucket ({reason})") from None
+
+
+def write_atomically(store: Store, path: str, payload: bytes) -> None:
+    """Write ``payload`` at ``path`` so that readers see all of it or nothing (temp name + rename locally;
+    a PUT is atomic on S3)."""
+    if store.is_local:
+        parent = path.rsplit("/", 1)[0]
+        store.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with store.fs.open(tmp, "wb") as handle:
+            handle.write(payload)
+        store.fs.mv(tmp, path)
+    else:
+        store.fs.pipe_file(path, payload)
 
 
 def create_exclusive(store: Store, path: str, payload: bytes) -> bool:

@@ -75,8 +75,10 @@ def find_problems(runs: pyarrow.Table, epochs: pyarrow.Table) -> list[Problem]:
                 )
             )
     if epochs.num_rows:
+        # NaN and infinity are data only where training diverged (a null reads as NaN here: never allowed
+        # outside diverged runs either)
         metrics = np.column_stack([epochs.column(c).to_numpy(zero_copy_only=False) for c in METRIC_COLUMNS])
-        bad_rows = ~np.isfinite(metrics[:, [METRIC_COLUMNS.index("train_loss"), METRIC_COLUMNS.index("test_loss")]])
+        bad_rows = ~np.isfinite(metrics)
         bad_runs = set(np.asarray(epochs.column("run_id").to_pylist())[bad_rows.any(axis=1)])
         diverged = {
             r for r, s in zip(runs["run_id"].to_pylist(), runs["status"].to_pylist(), strict=True) if s == "diverged"
@@ -86,9 +88,9 @@ def find_problems(runs: pyarrow.Table, epochs: pyarrow.Table) -> list[Problem]:
             problems.append(
                 Problem(
                     "epochs",
-                    "train_loss/test_loss",
+                    "metrics",
                     "finite_unless_diverged",
-                    f"non-finite loss in runs not marked diverged: {sorted(undeclared)[:5]}",
+                    f"non-finite metric values in runs not marked diverged: {sorted(undeclared)[:5]}",
                 )
             )
     return problems

@@ -12,6 +12,7 @@ optimizer, momentum and test split; learning rate, label noise and penalty may d
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -21,6 +22,8 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
+from butter_pipeline.checkpoint import Checkpoints, checkpoint_key
+from butter_pipeline.failpoints import failpoint
 from butter_pipeline.metrics import METRICS, data_loss, epoch_values, sample_sums
 from butter_pipeline.nets import Layout, layout_for
 from butter_pipeline.optim import KerasOptimizer
@@ -30,6 +33,8 @@ from butter_pipeline.train import RunResult, add_label_noise, failed_result, spl
 
 MAX_GROUP = 64  # members per stacked model; beyond this the per-step gain is small on CPU (docs/performance.md)
 EVAL_ELEMENTS = 1 << 24  # rows x inputs x members gathered at once when evaluating (bounds memory)
+
+log = logging.getLogger(__name__)
 
 
 def group_key(run: Run) -> tuple:
@@ -183,15 +188,61 @@ def _evaluate(
     return [epoch_values(losses[r], sums[:, r], n) for r in range(members)]
 
 
-def train_group(runs: list[Run], task: Task | None = None, *, device: torch.device | None = None) -> list[RunResult]:
-    """Train ``runs`` (one ``group_key``) as one stacked model; one result per run, in order."""
+def _training_state(model: StackedMLP, optimizer: KerasOptimizer, epoch: int, progress: dict) -> dict:
+    """Everything later epochs depend on, as tensors and plain numbers (``Checkpoints`` saves it)."""
+    return {
+        "epoch": epoch,
+        "parameters": [p.detach() for p in model.parameters()],
+        "slot_1": optimizer.slot_1,
+        "slot_2": optimizer.slot_2,
+        "step_count": optimizer.step_count,
+        "generators": [g.get_state() for g in model.generators],
+        "history": [{name: torch.tensor(v, dtype=torch.float64) for name, v in h.items()} for h in progress["history"]],
+        "diverged_at": [e or 0 for e in progress["diverged_at"]],
+        "dead": list(progress["dead"]),
+        "train_seconds": progress["train_seconds"],
+        "eval_seconds": progress["eval_seconds"],
+    }
+
+
+def _restore(state: dict, model: StackedMLP, optimizer: KerasOptimizer) -> dict:
+    """Load a checkpoint into ``model`` and ``optimizer``; returns the recorded progress."""
+    with torch.no_grad():
+        for param, saved in zip(model.parameters(), state["parameters"], strict=True):
+            param.copy_(saved)
+    optimizer.slot_1 = [saved.clone() for saved in state["slot_1"]]
+    optimizer.slot_2 = [saved.clone() for saved in state["slot_2"]]
+    optimizer.step_count = state["step_count"]
+    for generator, saved in zip(model.generators, state["generators"], strict=True):
+        generator.set_state(saved.cpu())
+    return {
+        "history": [{name: v.tolist() for name, v in h.items()} for h in state["history"]],
+        "diverged_at": [e or None for e in state["diverged_at"]],
+        "dead": list(state["dead"]),
+        "train_seconds": state["train_seconds"],
+        "eval_seconds": state["eval_seconds"],
+    }
+
+
+def train_group(
+    runs: list[Run],
+    task: Task | None = None,
+    *,
+    device: torch.device | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> list[RunResult]:
+    """Train ``runs`` (one ``group_key``) as one stacked model; one result per run, in order.
+
+    With ``checkpoints``, the training state is saved every ``checkpoints.every`` epochs and a saved state
+    of the same runs is resumed from: the records are those of an uninterrupted run.
+    """
     device = device or default_device()
     spec = runs[0].experiment
     assert all(group_key(r) == group_key(runs[0]) for r in runs), "runs of one group share their group_key"
     task = task if task is not None else load_task(spec.dataset)
     layout = layout_for(spec.shape, spec.size, spec.depth, task.n_in, task.n_out)
-    if not layout.conformant or len(runs) == 1:
-        return [train_run(run, task, device=str(device)) for run in runs]  # rejected, or nothing to stack
+    if not layout.conformant:
+        return [train_run(run, task, device=str(device)) for run in runs]  # recorded as rejected
     started = datetime.now(UTC)
     members, kind, batch_size = len(runs), task.kind, spec.batch_size
 
@@ -217,11 +268,22 @@ def train_group(runs: list[Run], task: Task | None = None, *, device: torch.devi
     optimizer = KerasOptimizer(model.parameters(), spec.optimizer, rates, spec.momentum)
     l1, l2 = _penalty_factors(runs, "l1", device), _penalty_factors(runs, "l2", device)
 
-    history = [{f"{side}_{m}": [] for side in ("train", "test") for m in METRICS} for _ in runs]
-    diverged_at: list[int | None] = [None] * members
-    dead = [False] * members  # weights non-finite: later epochs are NaN, as in train_run
-    train_seconds = eval_seconds = 0.0
-    for epoch in range(1, spec.epochs + 1):
+    progress = {
+        "history": [{f"{side}_{m}": [] for side in ("train", "test") for m in METRICS} for _ in runs],
+        "diverged_at": [None] * members,
+        "dead": [False] * members,  # weights non-finite: later epochs are NaN, as in train_run
+        "train_seconds": 0.0,
+        "eval_seconds": 0.0,
+    }
+    key = checkpoint_key([run.run_id for run in runs])
+    first_epoch = 1
+    saved = checkpoints.load(key, device) if checkpoints is not None else None
+    if saved is not None:
+        progress = _restore(saved, model, optimizer)
+        first_epoch = saved["epoch"] + 1
+        log.info("resuming %d runs of %s from epoch %d (checkpoint %s)", members, spec.dataset, saved["epoch"], key)
+    history, diverged_at, dead = progress["history"], progress["diverged_at"], progress["dead"]
+    for epoch in range(first_epoch, spec.epochs + 1):
         # 3) one pass: each member's own shuffle, one batched step for all members
         tick = time.perf_counter()
         orders = torch.stack([torch.randperm(n_train, generator=g) for g in model.generators]).to(device)
@@ -250,8 +312,8 @@ def train_group(runs: list[Run], task: Task | None = None, *, device: torch.devi
         with torch.no_grad():
             penalty = model.penalty(l1, l2)
         test = _evaluate(model, x_all, test_rows_t, y_test, kind, penalty)
-        train_seconds += tock - tick
-        eval_seconds += time.perf_counter() - tock
+        progress["train_seconds"] += tock - tick
+        progress["eval_seconds"] += time.perf_counter() - tock
 
         # 5) record; divergence per member, exactly as train_run decides it
         finite = model.finite().tolist()
@@ -270,7 +332,12 @@ def train_group(runs: list[Run], task: Task | None = None, *, device: torch.devi
                 if not finite[r]:
                     diverged_at[r] = diverged_at[r] or epoch
                     dead[r] = True
+        if checkpoints is not None and checkpoints.due(epoch, spec.epochs):
+            checkpoints.save(key, _training_state(model, optimizer, epoch, progress))
+            failpoint("train:checkpoint-saved")
 
+    if checkpoints is not None and checkpoints.every > 0:
+        checkpoints.remove(key)  # staging follows at once; a crash in between retrains from the start
     finished = datetime.now(UTC)
     results = []
     for r, run in enumerate(runs):
@@ -286,8 +353,8 @@ def train_group(runs: list[Run], task: Task | None = None, *, device: torch.devi
                 first_diverged_epoch=diverged_at[r],
                 started_at=started,
                 finished_at=finished,
-                train_seconds=train_seconds / members,
-                eval_seconds=eval_seconds / members,
+                train_seconds=progress["train_seconds"] / members,
+                eval_seconds=progress["eval_seconds"] / members,
                 device=str(device),
                 vector_width=members,
             )
@@ -299,7 +366,9 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
 
 
-def train_runs(runs: list[Run], *, device: torch.device | None = None) -> list[RunResult]:
+def train_runs(
+    runs: list[Run], *, device: torch.device | None = None, checkpoints: Checkpoints | None = None
+) -> list[RunResult]:
     """Train any runs through stacked models sized to fit memory; failures are recorded, not raised.
 
     Groups are split before training when their estimated memory exceeds the budget, and halved again if
@@ -320,7 +389,7 @@ def train_runs(runs: list[Run], *, device: torch.device | None = None) -> list[R
             part = pending.pop(0)
             started = datetime.now(UTC)
             try:
-                results += train_group(part, task, device=device)
+                results += train_group(part, task, device=device, checkpoints=checkpoints)
             except (RuntimeError, ValueError, ArithmeticError, MemoryError) as exc:
                 if _is_out_of_memory(exc) and len(part) > 1:
                     half = len(part) // 2

@@ -171,12 +171,12 @@ def test_a_failing_run_is_retried_then_recorded_failed_and_the_chunk_goes_on(tmp
     calls: dict[str, int] = {}
     real_train_group = vtrain.train_group
 
-    def train_group(part, task, *, device):
+    def train_group(part, task, **options):
         for run in part:
             calls[run.run_id] = calls.get(run.run_id, 0) + 1
             if run.run_id == broken or (run.run_id == flaky and calls[flaky] == 1):
                 raise RuntimeError(f"injected failure of {run.run_id[:8]}")
-        return real_train_group(part, task, device=device)
+        return real_train_group(part, task, **options)
 
     monkeypatch.setattr(vtrain, "train_group", train_group)
     monkeypatch.setenv("BUTTER_RUN_ATTEMPTS", "3")

@@ -118,15 +118,15 @@ def test_out_of_memory_halves_the_group_then_records_a_failure(monkeypatch):
     runs = _runs(4, dataset="529_pollen", size=1024, epochs=2)
     real = vtrain.train_group
 
-    def small_memory(group, task=None, *, device=None):
+    def small_memory(group, task=None, **options):
         if len(group) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(group, task, device=device)
+        return real(group, task, **options)
 
     monkeypatch.setattr(vtrain, "train_group", small_memory)
     assert [r.vector_width for r in train_runs(runs)] == [2, 2, 2, 2]
 
-    def no_memory(group, task=None, *, device=None):
+    def no_memory(group, task=None, **options):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(vtrain, "train_group", no_memory)
