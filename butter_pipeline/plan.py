@@ -14,7 +14,7 @@ from functools import cache
 from butter_pipeline.ids import run_id, seed_of
 from butter_pipeline.nets import layout_for
 from butter_pipeline.publish import published_run_ids
-from butter_pipeline.stage import staged_run_ids, staged_units
+from butter_pipeline.stage import StagedFileDamaged, quarantine_staged, staged_run_ids, staged_units
 from butter_pipeline.store import Store
 from butter_pipeline.sweep import Experiment, Run, SweepSpec, expand
 from butter_pipeline.tasks import TASK_FACTS, manifest
@@ -42,7 +42,10 @@ def done_run_ids(store: Store) -> set[str]:
     """Runs published in ``runs`` plus runs staged for the publisher."""
     done = set(published_run_ids(store).to_pylist())
     for unit in staged_units(store):
-        done.update(staged_run_ids(store, unit))  # the runs file only: epochs can be large
+        try:
+            done.update(staged_run_ids(store, unit))  # the runs file only: epochs can be large
+        except StagedFileDamaged as exc:  # not done: quarantined now, so that this sweep trains it again
+            quarantine_staged(store, unit, str(exc))
     return done
 
 

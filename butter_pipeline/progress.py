@@ -13,9 +13,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from butter_pipeline.stage import RUNS_FILE, STAGING, staged_units
+from butter_pipeline.stage import RUNS_FILE, STAGING, StagedFileDamaged, read_staged_file, staged_units
 from butter_pipeline.store import Store
 from butter_pipeline.tables import arrow_dataset, open_table
 
@@ -78,9 +77,10 @@ def _staged(store: Store) -> pyarrow.Table:
     parts = []
     for unit in staged_units(store):
         try:
-            with store.fs.open(store.path(STAGING, unit, RUNS_FILE), "rb") as handle:
-                parts.append(pq.read_table(handle, columns=COLUMNS))
+            parts.append(read_staged_file(store, STAGING, unit, RUNS_FILE, columns=COLUMNS))
         except FileNotFoundError:  # published and removed while we listed: it is in the table now
+            continue
+        except StagedFileDamaged:  # not done: the planner or the publisher quarantines it
             continue
     return pyarrow.concat_tables(parts) if parts else _EMPTY
 

@@ -28,7 +28,15 @@ from deltalake import DeltaTable
 from butter_pipeline.errors import PublishConflict, StagingError
 from butter_pipeline.failpoints import failpoint
 from butter_pipeline.schemas import ADDED_COLUMN_DEFAULTS, EPOCHS_SCHEMA, RUNS_SCHEMA
-from butter_pipeline.stage import read_staged, remove_staged, staged_epoch_rows, staged_units
+from butter_pipeline.stage import (
+    StagedFileDamaged,
+    is_staged,
+    quarantine_staged,
+    read_staged,
+    remove_staged,
+    staged_epoch_rows,
+    staged_units,
+)
 from butter_pipeline.store import Store, create_exclusive
 from butter_pipeline.tables import PUBLISHER_APP_ID, append, arrow_dataset, open_or_create, open_table
 
@@ -114,9 +122,19 @@ def _batch_tables(store: Store, units: list[str], added: set[str]) -> tuple[pyar
     """The rows of ``units`` whose runs are neither published nor in ``added``, each run once."""
     runs_parts, epochs_parts = [], []
     for unit in units:
-        runs, epochs = read_staged(store, unit)
-        runs_parts.append(upgrade(runs, RUNS_SCHEMA, f"staged unit {unit}"))
-        epochs_parts.append(upgrade(epochs, EPOCHS_SCHEMA, f"staged unit {unit}"))
+        if not is_staged(store, unit):
+            continue  # quarantined by an earlier attempt at this batch, before anything was committed
+        try:
+            runs, epochs = read_staged(store, unit)
+            runs, epochs = (
+                upgrade(runs, RUNS_SCHEMA, f"staged unit {unit}"),
+                upgrade(epochs, EPOCHS_SCHEMA, f"staged unit {unit}"),
+            )
+        except StagingError as exc:  # damaged or off the contract: set aside with a report, never committed
+            quarantine_staged(store, unit, str(exc))
+            continue
+        runs_parts.append(runs)
+        epochs_parts.append(epochs)
     runs = pyarrow.concat_tables(runs_parts) if runs_parts else RUNS_SCHEMA.empty_table()
     epochs = pyarrow.concat_tables(epochs_parts) if epochs_parts else EPOCHS_SCHEMA.empty_table()
     # A run can be staged twice (a sweep planned while its first copy was being published): keep the first
@@ -239,7 +257,11 @@ def _batches(store: Store, units: list[str]) -> Iterator[list[str]]:
     batch: list[str] = []
     rows = 0
     for unit in units:
-        unit_rows = staged_epoch_rows(store, unit)
+        try:
+            unit_rows = staged_epoch_rows(store, unit)
+        except StagedFileDamaged as exc:
+            quarantine_staged(store, unit, str(exc))
+            continue
         if batch and (len(batch) >= MAX_UNITS_PER_COMMIT or rows + unit_rows > MAX_EPOCH_ROWS_PER_COMMIT):
             yield batch
             batch, rows = [], 0

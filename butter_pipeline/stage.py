@@ -10,11 +10,14 @@ A result that breaks the contract goes to ``quarantine/<unit_id>/`` with ``repor
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import pyarrow
+import pyarrow.compute
 import pyarrow.parquet as pq
 
+from butter_pipeline.errors import StagingError
 from butter_pipeline.store import Store, write_atomically
 from butter_pipeline.validate import find_problems, report_json
 
@@ -72,31 +75,60 @@ def units_in(store: Store) -> set[tuple[str, str]]:
     return {(STAGING, u) for u in staged_units(store)} | {(QUARANTINE, u) for u in quarantined_units(store)}
 
 
+class StagedFileDamaged(StagingError):
+    """Raised when a staged file's bytes are not a readable Parquet file (truncated, corrupted)."""
+
+
+def read_staged_file(store: Store, folder: str, unit_id: str, name: str, columns: list[str] | None = None):
+    """One staged Parquet file as a table. The bytes are fetched first, so that an unreachable store
+    raises the store's own error, and only bytes that do not parse raise ``StagedFileDamaged``."""
+    path = store.path(folder, unit_id, name)
+    payload = store.fs.cat_file(path)
+    try:
+        return pq.read_table(io.BytesIO(payload), columns=columns)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError or ValueError for damaged bytes
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StagedFileDamaged(f"{path}: not a readable Parquet file ({reason})") from None
+
+
 def staged_run_count(store: Store, folder: str, unit_id: str) -> int:
-    """Runs in a staged or quarantined unit, from its Parquet footer (reads no data)."""
-    with store.fs.open(store.path(folder, unit_id, RUNS_FILE), "rb") as handle:
-        return pq.read_metadata(handle).num_rows
+    """Runs in a staged or quarantined unit (0 for a unit whose runs file is damaged)."""
+    try:
+        return read_staged_file(store, folder, unit_id, RUNS_FILE, columns=["run_id"]).num_rows
+    except StagedFileDamaged:
+        return 0
 
 
 def staged_epoch_rows(store: Store, unit_id: str) -> int:
-    """Epoch rows of a staged unit, from its Parquet footer."""
-    with store.fs.open(store.path(STAGING, unit_id, EPOCHS_FILE), "rb") as handle:
-        return pq.read_metadata(handle).num_rows
+    """Epoch rows of a staged unit, from the ``epochs_recorded`` of its runs (the small file)."""
+    runs = read_staged_file(store, STAGING, unit_id, RUNS_FILE, columns=["epochs_recorded"])
+    return int(pyarrow.compute.sum(runs["epochs_recorded"]).as_py() or 0)
 
 
 def staged_run_ids(store: Store, unit_id: str) -> list[str]:
-    """Run ids of a staged unit, reading only the ``run_id`` column of its ``runs.parquet``."""
-    with store.fs.open(store.path(STAGING, unit_id, RUNS_FILE), "rb") as handle:
-        return pq.read_table(handle, columns=["run_id"]).column("run_id").to_pylist()
+    """Run ids of a staged unit, from the ``run_id`` column of its ``runs.parquet``."""
+    return read_staged_file(store, STAGING, unit_id, RUNS_FILE, columns=["run_id"]).column("run_id").to_pylist()
 
 
 def read_staged(store: Store, unit_id: str) -> tuple[pyarrow.Table, pyarrow.Table]:
     """(runs, epochs) of a staged unit."""
-    tables = []
-    for name in (RUNS_FILE, EPOCHS_FILE):
-        with store.fs.open(store.path(STAGING, unit_id, name), "rb") as handle:
-            tables.append(pq.read_table(handle))
-    return tables[0], tables[1]
+    return read_staged_file(store, STAGING, unit_id, RUNS_FILE), read_staged_file(store, STAGING, unit_id, EPOCHS_FILE)
+
+
+def quarantine_staged(store: Store, unit_id: str, reason: str) -> None:
+    """Move a staged unit that cannot be published (unreadable, truncated, off the contract) to
+    ``quarantine/<unit_id>/`` with a report saying why; its runs are then no longer done, so a resumed
+    sweep trains them again. Safe to call twice, or on a unit half moved by a process that died."""
+    for name in (EPOCHS_FILE, RUNS_FILE):
+        source = store.path(STAGING, unit_id, name)
+        try:
+            if store.fs.exists(source):
+                write_atomically(store, store.path(QUARANTINE, unit_id, name), store.fs.cat_file(source))
+        except OSError:  # bytes that cannot even be copied: the report is what is left
+            pass
+    report = [{"table": None, "column": None, "check": "staged_unit_readable", "detail": reason}]
+    write_atomically(store, store.path(QUARANTINE, unit_id, REPORT_FILE), json.dumps(report, indent=2).encode())
+    remove_staged(store, unit_id)
 
 
 def remove_staged(store: Store, unit_id: str) -> None:

@@ -68,3 +68,53 @@ def test_a_non_finite_metric_in_a_run_not_marked_diverged_is_quarantined(tmp_pat
     publish(store)
     assert open_dataset(store.uri).runs(columns=["run_id"]).num_rows == 0
     assert pc.sum(pc.is_nan(epochs["test_loss"])).as_py() == 0  # the originals were finite
+
+
+def test_damaged_staged_files_are_quarantined_with_a_report_and_retrained_on_resume(tmp_path):
+    """One unit's epochs file truncated, another's runs file overwritten with junk: the publisher commits the
+    good unit, quarantines both damaged ones with a report, and a resumed sweep trains exactly their runs."""
+    import json
+
+    from butter_pipeline.execute import unit_id
+    from butter_pipeline.plan import done_run_ids
+    from butter_pipeline.vtrain import group_runs
+
+    store = open_store(tmp_path / "store")
+    runs = list(plan_runs(_spec("damaged", size=[512, 1024, 2048])))
+    groups = group_runs(runs)
+    assert len(groups) == 3
+    run_chunk(store.uri, runs)
+    folder = tmp_path / "store" / "staging"
+    truncated, junk, good = (unit_id(group) for group in groups)
+    epochs_file = folder / truncated / "epochs.parquet"
+    epochs_file.write_bytes(epochs_file.read_bytes()[: epochs_file.stat().st_size // 2])
+    (folder / junk / "runs.parquet").write_bytes(b"not parquet at all" * 20)
+
+    report = publish(store)
+    assert report.runs_added == 2  # the good unit's two runs
+    assert sorted(quarantined_units(store)) == sorted([truncated, junk]) and staged_units(store) == []
+    for unit in (truncated, junk):
+        [problem] = json.loads((tmp_path / "store" / "quarantine" / unit / "report.json").read_text())
+        assert problem["check"] == "staged_unit_readable" and "not a readable Parquet file" in problem["detail"]
+
+    missing = {run.run_id for run in runs} - done_run_ids(store)
+    assert missing == {run.run_id for group in groups[:2] for run in group}
+    todo = [run for run in runs if run.run_id in missing]
+    assert run_chunk(store.uri, todo)["status:complete"] == 4
+    publish(store)
+    published = open_dataset(store.uri).runs(columns=["run_id"])["run_id"].to_pylist()
+    assert sorted(published) == sorted(run.run_id for run in runs)  # each run exactly once
+
+
+def test_a_damaged_runs_file_seen_by_the_planner_is_quarantined_so_the_same_sweep_retrains_it(tmp_path):
+    from butter_pipeline.execute import unit_id
+    from butter_pipeline.plan import done_run_ids
+
+    store = open_store(tmp_path / "store")
+    runs = list(plan_runs(_spec("damaged-runs")))
+    run_chunk(store.uri, runs)
+    unit = unit_id(runs)
+    (tmp_path / "store" / "staging" / unit / "runs.parquet").write_bytes(b"\x00" * 64)
+    assert done_run_ids(store) == set()
+    assert quarantined_units(store) == [unit] and staged_units(store) == []
+    assert run_chunk(store.uri, runs)["status:complete"] == 2  # trained again, not "already staged"
