@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from butter_pipeline.retry import is_transient, retrying
 from butter_pipeline.store import Store, write_atomically
 
 CHECKPOINTS = "checkpoints"
@@ -64,15 +65,24 @@ class Checkpoints:
     def save(self, key: str, state: dict) -> None:
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, **state}, buffer)
-        write_atomically(self.store, self._path(key), buffer.getvalue())
+        try:
+            write_atomically(self.store, self._path(key), buffer.getvalue())
+        except Exception as exc:  # a missed checkpoint costs a longer resume, not the run: train on
+            if not is_transient(exc):
+                raise
+            log.warning("checkpoint %s not saved (%s); training goes on", self._path(key), exc)
 
     def load(self, key: str, device: torch.device) -> dict | None:
         """The saved state of ``key``, or None when there is none (or it cannot be used)."""
         path = self._path(key)
+        where = f"store {self.store.uri}: reading checkpoint {key}"
+        if not retrying(where, self.store.fs.exists, path):
+            return None
         try:
-            if not self.store.fs.exists(path):
-                return None
-            payload = self.store.fs.cat_file(path)
+            payload = retrying(where, self.store.fs.cat_file, path)
+        except FileNotFoundError:  # removed meanwhile by the worker that finished these runs
+            return None
+        try:
             state = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
         except Exception as exc:  # truncated, corrupted or from an incompatible torch: train afresh
             log.warning("checkpoint %s is unreadable (%s); training from the start", path, exc)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from butter_pipeline.errors import ButterError, ExportError, StoreError
+from butter_pipeline.errors import ButterError, ExportError, StagingError, StoreError
 from butter_pipeline.progress import format_duration
 from butter_pipeline.store import DEFAULT_STORE, Store, check_reachable, open_store
 
@@ -113,8 +113,8 @@ def _watch_staging(store: Store, total: int, stop: threading.Event) -> None:
             try:
                 for unit in units_in(store) - before - counted.keys():
                     counted[unit] = staged_run_count(store, *unit)
-            except OSError:
-                continue  # a listing or read that raced the publisher's clean-up; the next poll catches up
+            except Exception:  # a read that raced the publisher's clean-up, or a store outage: poll again
+                continue
             progress.update(bar, completed=min(sum(counted.values()), total))
 
 
@@ -131,11 +131,13 @@ def run(
     from butter_pipeline.orchestrate import apply_prefect_defaults, check_scheduler, run_sweep_flow
     from butter_pipeline.plan import done_run_ids, make_plan
     from butter_pipeline.sweep import load_spec
+    from butter_pipeline.tasks import verify_cached
     from butter_pipeline.vtrain import check_environment
 
     started = time.perf_counter()
     try:
         spec = load_spec(sweep)
+        verify_cached(dataset for grid in spec.grid for dataset in grid.dataset)
         check_environment()
         if dask_address:
             check_scheduler(dask_address)  # before anything is created in the store
@@ -180,6 +182,8 @@ def _existing(uri: str) -> Store:
     store = _reachable(uri, create=False)
     if store.is_local and not os.path.isdir(store.root):
         raise StoreError(f"store {uri!r}: folder {store.root} does not exist")
+    if not store.is_local and "/" in store.root and not store.fs.exists(store.root):  # a bucket's own root exists
+        raise StoreError(f"store {uri!r}: {store.uri} does not exist (nothing under that prefix); check the prefix")
     return store
 
 
@@ -187,14 +191,38 @@ def _existing(uri: str) -> Store:
 def publish_command(store: StoreOpt = DEFAULT_STORE) -> None:
     """Commit staged results into the store's Delta tables (safe to repeat)."""
     from butter_pipeline.publish import publish
+    from butter_pipeline.stage import quarantined_units
 
     try:
-        report = publish(_existing(store))
+        target = _existing(store)
+        before = set(quarantined_units(target))
+        report = publish(target)
+        set_aside = sorted(set(quarantined_units(target)) - before)
     except ButterError as exc:
         _fail(exc)
     out.print(
         f"published {report.runs_added} runs ({report.epochs_added} epoch rows) from {report.units} "
         f"staged units in {report.commits} commits; runs table version {report.runs_version}"
+    )
+    if set_aside:  # staged files that could not be published: the run succeeded, its input did not
+        _fail(StagingError(_quarantine_line(target, set_aside)))
+
+
+def _quarantine_line(store: Store, units: list[str]) -> str:
+    """One line for units the publisher moved to quarantine: which, where, and the first one's reason."""
+    import json
+
+    from butter_pipeline.stage import QUARANTINE, REPORT_FILE
+
+    try:
+        problems = json.loads(store.fs.cat_file(store.path(QUARANTINE, units[0], REPORT_FILE)))
+        reason = f": {' '.join(str(problems[0]['detail']).split())}"
+    except (OSError, ValueError, LookupError, TypeError):
+        reason = ""
+    shown = ", ".join(units[:3]) + (f" and {len(units) - 3} more" if len(units) > 3 else "")
+    return (
+        f"staged unit {shown} cannot be published and was moved to {store.uri}/{QUARANTINE}{reason}; "
+        f"see its {REPORT_FILE} (its runs are trained again by the next run of their sweep)"
     )
 
 
@@ -368,12 +396,30 @@ def serve(
         _fail(exc)
 
 
+_INTERRUPTED = "interrupted; staged results are kept and published by the next run or `butter publish`"
+
+
 def main() -> None:
+    from typer.exceptions import TyperException  # typer's own click: its usage errors derive from this
+
     try:
-        app()
+        code = app(standalone_mode=False)  # click-level errors come here, to be printed as one line too
     except KeyboardInterrupt:
-        err.print("interrupted; staged results are kept and published by the next run or `butter publish`")
-        sys.exit(130)
+        code = 130
+    except TyperException as exc:  # a bad command line: an unknown option, a value out of range, ...
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # typer has printed the help
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        message = " ".join(exc.format_message().split()).rstrip(".")  # one line, however click wrapped it
+        err.print(f"[bold red]error:[/] {escape(message + hint)}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C into exit status 130
+        err.print(_INTERRUPTED, highlight=False)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 from butter_pipeline.checkpoint import Checkpoints, every_epochs
 from butter_pipeline.record import epochs_table, runs_table
+from butter_pipeline.retry import retrying
 from butter_pipeline.stage import StageOutcome, is_staged, stage_result
 from butter_pipeline.store import Store, open_store
 from butter_pipeline.sweep import Run
@@ -87,11 +88,12 @@ def run_chunk(store_uri: str, runs: list[Run], *, threads: int | None = None) ->
     counts: Counter[str] = Counter()
     for group in group_runs(runs):
         unit = unit_id(group)
-        if is_staged(store, unit):
+        if retrying(f"store {store.uri}: looking for unit {unit}", is_staged, store, unit):
             counts["already-staged"] += len(group)
             continue
         results = train_with_retries(group, attempts, checkpoints)
-        for outcome in stage_results(store, unit, results):
+        # the trained results are only in memory: an outage of the store delays them, never loses them
+        for outcome in retrying(f"store {store.uri}: staging unit {unit}", stage_results, store, unit, results):
             counts[outcome.status] += outcome.runs
         counts.update(f"status:{result.status}" for result in results)
     return dict(counts)

@@ -27,6 +27,7 @@ from deltalake import DeltaTable
 
 from butter_pipeline.errors import PublishConflict, StagingError
 from butter_pipeline.failpoints import failpoint
+from butter_pipeline.retry import retrying
 from butter_pipeline.schemas import ADDED_COLUMN_DEFAULTS, EPOCHS_SCHEMA, RUNS_SCHEMA
 from butter_pipeline.stage import (
     StagedFileDamaged,
@@ -232,9 +233,14 @@ def publisher_lock(store: Store) -> Iterator[None]:
     finally:
         stop.set()
         renewer.join()
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if json.loads(store.fs.cat_file(path)).get("owner") == mine["owner"]:
-                store.fs.rm(path)
+        # released even across an outage: a lock left behind would hold off every publisher for a while
+        retrying(f"store {store.uri}: releasing the publisher lock", _release, store, path, mine["owner"])
+
+
+def _release(store: Store, path: str, owner: str) -> None:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if json.loads(store.fs.cat_file(path)).get("owner") == owner:
+            store.fs.rm(path)
 
 
 def _break_stale(store: Store, path: str, payload: bytes) -> bool:
@@ -248,6 +254,11 @@ def publish(store: Store) -> PublishReport:
     Only one publisher works on a store at a time (a lock object under ``_publish/``); a second one
     started meanwhile raises ``PublishConflict`` and changes nothing.
     """
+    # every step is idempotent (the pending record, app transactions): after an outage, start over
+    return retrying(f"store {store.uri}: publishing", _publish_once, store)
+
+
+def _publish_once(store: Store) -> PublishReport:
     with publisher_lock(store):
         return _publish_locked(store)
 

@@ -54,15 +54,20 @@ def weed_binary() -> str:
     return found
 
 
-@contextlib.contextmanager
-def seaweedfs(folder: Path | None = None, *, timeout: float = 60.0) -> Iterator[S3Server]:
-    """Run ``weed mini`` until the block ends; yields where it listens and its credentials."""
-    with contextlib.ExitStack() as stack:
-        if folder is None:
-            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="butter-seaweedfs-")))
+class SeaweedFS:
+    """A ``weed mini`` process that can be stopped and started again on the same ports and data (to test
+    what an S3 outage does)."""
+
+    def __init__(self, folder: Path, *, timeout: float = 60.0) -> None:
+        self.folder, self.timeout = folder, timeout
+        self.ports = {name: _free_port() for name in _PORTS}
         key, secret, bucket = "butter-test-key", f"secret-{uuid.uuid4().hex}", "butter-test"
-        ports = {name: _free_port() for name in _PORTS}
-        cmd = [
+        self.server = S3Server(f"http://127.0.0.1:{self.ports['s3']}", key, secret, bucket)
+        self.proc: subprocess.Popen | None = None
+
+    def _command(self) -> list[str]:
+        folder, ports = self.folder, self.ports
+        return [
             weed_binary(),
             "mini",
             f"-dir={folder}",
@@ -83,22 +88,55 @@ def seaweedfs(folder: Path | None = None, *, timeout: float = 60.0) -> Iterator[
             f"-filer.port.grpc={ports['fg']}",
             f"-s3.localSocket={folder}/s3.sock",
             f"-filer.localSocket={folder}/filer.sock",
-            f"-bucket={bucket}",
+            f"-bucket={self.server.bucket}",
         ]
-        log = stack.enter_context(open(folder / "weed.log", "w"))  # noqa: SIM115 - closed by the stack
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        server = S3Server(f"http://127.0.0.1:{ports['s3']}", key, secret, bucket)
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": self.server.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.server.secret_key,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "weed.log", "a") as log:
+            self.proc = subprocess.Popen(self._command(), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_until_ready(server, proc, folder, timeout)
-            yield server
-        finally:  # also when start-up failed: never leave a server behind
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            _wait_until_ready(self.server, self.proc, self.folder, self.timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def seaweedfs_process(folder: Path | None = None, *, timeout: float = 60.0) -> Iterator[SeaweedFS]:
+    """A started ``SeaweedFS`` until the block ends (also when it fails to start: never left behind)."""
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="butter-seaweedfs-")))
+        process = SeaweedFS(folder, timeout=timeout)
+        process.start()
+        try:
+            yield process
+        finally:
+            process.stop()
+
+
+@contextlib.contextmanager
+def seaweedfs(folder: Path | None = None, *, timeout: float = 60.0) -> Iterator[S3Server]:
+    """Run ``weed mini`` until the block ends; yields where it listens and its credentials."""
+    with seaweedfs_process(folder, timeout=timeout) as process:
+        yield process.server
 
 
 def _wait_until_ready(server: S3Server, proc: subprocess.Popen, folder: Path, timeout: float) -> None:

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
+from butter_pipeline.retry import retrying
 from butter_pipeline.schemas import (
     BEST_AGGREGATES,
     LOSS_STATISTICS,
@@ -201,6 +202,17 @@ def _changed(runs: DeltaTable, since: int | None, store: Store) -> dict[tuple[st
     for dataset, shape, depth, experiment in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
         slices[(dataset, shape, depth)].add(experiment)
     return {key: sorted(ids) for key, ids in sorted(slices.items())}
+
+
+def summarize_store(store: Store) -> SummarizeReport:
+    """``update_summaries`` under the store's publisher lock, retried across a store outage."""
+    from butter_pipeline.publish import publisher_lock
+
+    def locked() -> SummarizeReport:
+        with publisher_lock(store):
+            return update_summaries(store)
+
+    return retrying(f"store {store.uri}: summarizing", locked)
 
 
 def update_summaries(store: Store) -> SummarizeReport:

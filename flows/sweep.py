@@ -64,9 +64,7 @@ def publish_staged(store: str) -> dict[str, int | None]:
 
 @task(name="summarize", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def summarize_published(store: str) -> dict[str, int | None]:
-    target = open_store(store)
-    with publishing.publisher_lock(target):
-        return asdict(summarizing.update_summaries(target))
+    return asdict(summarizing.summarize_store(open_store(store)))
 
 
 def _placement(chunk: planning.Chunk, workers: ClusterWorkers) -> contextlib.AbstractContextManager:
@@ -107,7 +105,11 @@ class _Reporter:
 
     def markdown(self) -> None:
         self.last_markdown = time.monotonic()
-        rows = progressing.sweep_progress(open_store(self.store), {self.sweep: self.planned})
+        try:
+            rows = progressing.sweep_progress(open_store(self.store), {self.sweep: self.planned})
+        except Exception as exc:  # progress is best effort: a store outage must not stop the sweep
+            get_run_logger().warning("progress not updated: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            return
         elapsed = time.monotonic() - self.started
         pace = f"{self.trained / elapsed * 3600:,.0f} runs/hour" if self.trained and elapsed > 0 else "-"
         body = progressing.as_markdown([p for p in rows if p.sweep == self.sweep], self.store)

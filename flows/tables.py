@@ -36,9 +36,7 @@ def summarize_flow(store: str = DEFAULT_STORE) -> dict[str, int | None]:
     Args:
         store: The dataset: a folder or s3://bucket/prefix.
     """
-    target = open_store(store, create=False)
-    with publishing.publisher_lock(target):
-        report = asdict(summarizing.update_summaries(target))
+    report = asdict(summarizing.summarize_store(open_store(store, create=False)))
     get_run_logger().info("summarized %(experiments)s experiments (runs version %(runs_version)s)", report)
     return report
 

@@ -3,19 +3,31 @@ outage in the middle of a sweep."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
 import numpy as np
 import pyarrow
 import pyarrow.compute as pc
+import pytest
 from butter_pipeline.schemas import METRIC_COLUMNS
 
 from butter_pipeline.execute import run_chunk
 from butter_pipeline.publish import publish
 from butter_pipeline.read import open_dataset
+from butter_pipeline.s3server import seaweedfs_process
 from butter_pipeline.stage import quarantined_units, stage_result, staged_units
 from butter_pipeline.store import open_store
 from butter_pipeline.summarize import update_summaries
 from butter_pipeline.sweep import parse_spec, plan_runs
 from butter_pipeline.synthetic import synthetic_tables
+
+BUTTER = str(Path(sys.executable).parent / "butter")
+OUTAGE_SECONDS = 30  # longer than the retries inside botocore (about 10 s), so butter's own are needed
 
 
 def _spec(name: str, **grid: object):
@@ -118,3 +130,60 @@ def test_a_damaged_runs_file_seen_by_the_planner_is_quarantined_so_the_same_swee
     assert done_run_ids(store) == set()
     assert quarantined_units(store) == [unit] and staged_units(store) == []
     assert run_chunk(store.uri, runs)["status:complete"] == 2  # trained again, not "already staged"
+
+
+@pytest.mark.integration
+@pytest.mark.s3
+def test_an_s3_outage_mid_sweep_delays_it_and_loses_nothing(tmp_path, prefect_api_url):
+    """The S3 server is stopped for a while once the sweep has staged work, then started again on the same
+    ports and data: the workers' staging and the publisher retry with backoff, and the sweep completes with
+    every run exactly once."""
+    with seaweedfs_process(tmp_path / "weed") as weed:
+        env = {**os.environ, **weed.server.env(), "PREFECT_API_URL": prefect_api_url}
+        uri = f"s3://{weed.server.bucket}/outage"
+        sweep = subprocess.Popen(
+            [BUTTER, "run", "smoke", "--store", uri, "--workers", "1"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with mock.patch.dict(os.environ, weed.server.env()):
+            store = open_store(uri)
+            deadline = time.monotonic() + 300
+            while not store.fs.glob(store.path("staging", "*", "runs.parquet")) and time.monotonic() < deadline:
+                assert sweep.poll() is None, sweep.communicate()[1][-3000:]
+                time.sleep(0.3)
+        weed.stop()
+        time.sleep(OUTAGE_SECONDS)
+        weed.start()
+        out, err = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, err[-3000:]
+        assert "published 12 runs" in out and "Traceback" not in err
+        assert "retrying in" in err  # the outage was met, and waited out
+        with mock.patch.dict(os.environ, weed.server.env()):
+            ids = open_dataset(uri).runs(columns=["run_id"])["run_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 12
+
+
+@pytest.mark.s3
+def test_a_long_outage_stops_with_a_clear_error_and_keeps_staged_work(tmp_path, monkeypatch):
+    from butter_pipeline.errors import StoreError
+
+    with seaweedfs_process(tmp_path / "weed") as weed:
+        for name, value in weed.server.env().items():
+            monkeypatch.setenv(name, value)
+        store = open_store(f"s3://{weed.server.bucket}/long-outage")
+        runs, epochs = synthetic_tables(6, 3, datasets=("adult",), seed=4)
+        stage_result(store, "u1", runs, epochs)
+        monkeypatch.setenv("BUTTER_STORE_RETRY_SECONDS", "3")
+        weed.stop()
+        with pytest.raises(StoreError) as raised:
+            publish(store)
+        message = str(raised.value)
+        assert message.startswith(f"store {store.uri}: publishing: the store did not answer for")
+        assert "staged work is kept" in message and "\n" not in message
+        weed.start()
+        store = open_store(store.uri)
+        assert staged_units(store) == ["u1"]  # nothing lost
+        assert publish(store).runs_added == 6
