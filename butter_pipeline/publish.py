@@ -161,6 +161,7 @@ def _complete_batch(
     if _txn_version(tables["runs"]) < version:  # runs is committed last: if it has N, so has epochs
         runs, epochs = _batch_tables(store, units, added_ids)
         commits = 0
+        failpoint("publish:before-commit")
         if runs.num_rows:
             if _txn_version(tables["epochs"]) < version:
                 append(tables["epochs"], epochs, "epochs", transaction=(APP_ID, version))

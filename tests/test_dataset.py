@@ -139,7 +139,7 @@ def test_export_in_butter_layout_reads_back_with_plain_pyarrow(store, tmp_path):
         export_butter(open_dataset(store.uri), target)
 
 
-@pytest.mark.parametrize("point", ["publish:between-commits", "publish:before-cleanup"])
+@pytest.mark.parametrize("point", ["publish:before-commit", "publish:between-commits", "publish:before-cleanup"])
 def test_publisher_killed_mid_publish_then_rerun_leaves_one_copy(store, point, s3_server):
     runs, epochs = synthetic_tables(16, 5, datasets=DATASETS, seed=5)
     _stage(store, runs, epochs)
@@ -154,8 +154,9 @@ def test_publisher_killed_mid_publish_then_rerun_leaves_one_copy(store, point, s
     data = open_dataset(store.uri)
     visible_runs = data.runs(columns=["run_id"]).num_rows if open_table(store, "runs") else 0
     assert visible_runs in (0, runs.num_rows)
-    if visible_runs == 0:  # killed between the epochs and the runs commit: those epochs stay hidden too
-        assert arrow_dataset(store, open_table(store, "epochs"), "epochs").count_rows() == epochs.num_rows
+    if visible_runs == 0:  # killed before the runs commit: no epochs either, even those already committed
+        committed = arrow_dataset(store, open_table(store, "epochs"), "epochs").count_rows()
+        assert committed == (epochs.num_rows if point == "publish:between-commits" else 0)
         assert data.epochs(columns=["run_id"]).num_rows == 0
     else:
         assert data.epochs(columns=["run_id"]).num_rows == epochs.num_rows
@@ -164,7 +165,7 @@ def test_publisher_killed_mid_publish_then_rerun_leaves_one_copy(store, point, s
     stored_runs = open_dataset(store.uri).runs(columns=["run_id"])["run_id"].to_pylist()
     assert sorted(stored_runs) == sorted(runs["run_id"].to_pylist())  # each run exactly once
     assert open_dataset(store.uri).epochs(columns=["run_id"]).num_rows == epochs.num_rows
-    assert report.runs_added == (runs.num_rows if point == "publish:between-commits" else 0)
+    assert report.runs_added == (0 if point == "publish:before-cleanup" else runs.num_rows)
 
 
 def test_ten_thousand_staged_runs_publish_in_two_commits(tmp_path):

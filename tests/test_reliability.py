@@ -187,3 +187,72 @@ def test_a_long_outage_stops_with_a_clear_error_and_keeps_staged_work(tmp_path, 
         store = open_store(store.uri)
         assert staged_units(store) == ["u1"]  # nothing lost
         assert publish(store).runs_added == 6
+
+
+@pytest.mark.integration
+def test_a_worker_killed_mid_sweep_loses_and_duplicates_nothing(tmp_path, prefect_api_url):
+    """Two Dask workers, each its own process; once work is staged, the one busy with a chunk is killed
+    with SIGKILL. Dask re-runs its chunk on the other worker; the sweep completes, every run exactly once."""
+    import signal
+    import socket
+
+    from distributed import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    bin_dir = Path(sys.executable).parent
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    cluster = [
+        subprocess.Popen(
+            [bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            env=env,
+            **quiet,
+        )
+    ]
+    try:
+        for name in ("w1", "w2"):
+            cluster.append(
+                subprocess.Popen(
+                    [bin_dir / "dask", "worker", address, "--name", name, "--nthreads", "1", "--no-nanny"]
+                    + ["--host", "127.0.0.1", "--no-dashboard"],
+                    env=env,
+                    **quiet,
+                )
+            )
+        with Client(address, timeout="30s", set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            store = tmp_path / "store"
+            sweep = subprocess.Popen(
+                [BUTTER, "run", "smoke", "--store", str(store), "--dask-address", address],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 300
+            victim = None
+            while victim is None and time.monotonic() < deadline:
+                assert sweep.poll() is None, sweep.communicate()[1][-3000:]
+                staged = list((store / "staging").glob("*/runs.parquet")) if (store / "staging").is_dir() else []
+                busy = [worker for worker, keys in client.processing().items() if keys]
+                if staged and busy:
+                    victim = busy[0]
+                time.sleep(0.2)
+            assert victim is not None, "no worker was busy once work was staged"
+            pid = client.run(os.getpid, workers=[victim])[victim]
+            os.kill(pid, signal.SIGKILL)
+            out, err = sweep.communicate(timeout=600)
+            survivors = len(client.scheduler_info()["workers"])
+    finally:
+        for proc in reversed(cluster):
+            proc.terminate()
+        for proc in cluster:
+            proc.wait(timeout=30)
+    assert survivors == 1
+    assert sweep.returncode == 0, err[-3000:]
+    assert "published 12 runs" in out
+    ids = open_dataset(str(store)).runs(columns=["run_id"])["run_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 12
