@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from butter_pipeline.publish import publisher_lock
 from butter_pipeline.release import released_versions
+from butter_pipeline.retry import retrying
 from butter_pipeline.store import Store
 from butter_pipeline.tables import TABLE_SCHEMAS, TARGET_FILE_BYTES, open_table, writer_properties
 
@@ -32,7 +33,12 @@ class TableMaintenance:
 def maintain(
     store: Store, *, zorder: bool = False, retention_hours: int = DEFAULT_RETENTION_HOURS
 ) -> list[TableMaintenance]:
-    """Compact (or z-order), checkpoint and vacuum every table of ``store``."""
+    """Compact (or z-order), checkpoint and vacuum every table of ``store`` (each step may be repeated:
+    after a store outage the whole pass is retried)."""
+    return retrying(f"store {store.uri}: maintaining the tables", _maintain_once, store, zorder, retention_hours)
+
+
+def _maintain_once(store: Store, zorder: bool, retention_hours: int) -> list[TableMaintenance]:
     reports = []
     with publisher_lock(store):
         for name in TABLE_SCHEMAS:

@@ -82,18 +82,23 @@ def _manifest(store: Store, name: str, description: str) -> dict:
 def create_release(store: Store, name: str, *, description: str = "") -> dict:
     """Record release ``name`` of the store as it is now; raises ``ReleaseError`` if the name is taken."""
     from butter_pipeline.publish import publisher_lock  # writers only: readers import this module too
+    from butter_pipeline.retry import retrying
     from butter_pipeline.summarize import update_summaries
 
     path = _path(store, name)
     taken = f"release {name!r} already exists in {store.uri}; releases never change, pick a new name"
     if store.fs.exists(path):
         raise ReleaseError(taken)
-    with publisher_lock(store):  # no commit lands while the versions are read
-        update_summaries(store)
-        manifest = _manifest(store, name, description)
-        if not create_exclusive(store, path, json.dumps(manifest, indent=2).encode()):
-            raise ReleaseError(taken)
-    return manifest
+
+    def locked() -> dict:
+        with publisher_lock(store):  # no commit lands while the versions are read
+            update_summaries(store)
+            manifest = _manifest(store, name, description)
+            if not create_exclusive(store, path, json.dumps(manifest, indent=2).encode()):
+                raise ReleaseError(taken)
+        return manifest
+
+    return retrying(f"store {store.uri}: recording release {name!r}", locked)
 
 
 def load_release(store: Store, name: str) -> dict:

@@ -4,7 +4,8 @@ An S3 endpoint that restarts, or a network that drops for a minute, must delay a
 work: a worker holding a trained group retries its staging writes; the publisher, whose every step is
 idempotent, retries the whole publish. Only errors that can pass are retried (connection failures,
 timeouts, I/O errors); a missing object, refused credentials or damaged bytes are answers, raised at once.
-The budget is ``BUTTER_STORE_RETRY_SECONDS`` (default 600) of waiting per operation.
+The budget is ``BUTTER_STORE_RETRY_SECONDS`` (default 600) of waiting per operation. A refusal
+(``PermissionError``: read-only credentials) becomes one ``StoreError`` line at once.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def retrying(what: str, operation: Callable[..., T], *args: object, **kwargs: ob
     while True:
         try:
             return operation(*args, **kwargs)
+        except PermissionError as exc:  # refused, not failed: read-only credentials, a read-only folder
+            raise StoreError(
+                f"{what}: access denied ({_reason(exc)}); these credentials (AWS_ACCESS_KEY_ID) or this user "
+                "may not write there"
+            ) from None
         except Exception as exc:
             if not is_transient(exc):
                 raise

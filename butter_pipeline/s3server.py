@@ -8,6 +8,7 @@ checked credentials, multipart uploads), on free ports, with one bucket. ``weed`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,13 +31,15 @@ class S3Server:
     access_key: str
     secret_key: str
     bucket: str
+    reader_key: str = "butter-test-reader"  # a second identity that may only list and read
+    reader_secret: str = ""
 
-    def env(self) -> dict[str, str]:
-        """The environment a butter process needs to use this server."""
+    def env(self, *, reader: bool = False) -> dict[str, str]:
+        """The environment a butter process needs to use this server (as the read-only identity if asked)."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ACCESS_KEY_ID": self.reader_key if reader else self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.reader_secret if reader else self.secret_key,
             "AWS_REGION": "us-east-1",
         }
 
@@ -62,7 +65,8 @@ class SeaweedFS:
         self.folder, self.timeout = folder, timeout
         self.ports = {name: _free_port() for name in _PORTS}
         key, secret, bucket = "butter-test-key", f"secret-{uuid.uuid4().hex}", "butter-test"
-        self.server = S3Server(f"http://127.0.0.1:{self.ports['s3']}", key, secret, bucket)
+        endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.server = S3Server(endpoint, key, secret, bucket, reader_secret=f"reader-{uuid.uuid4().hex}")
         self.proc: subprocess.Popen | None = None
 
     def _command(self) -> list[str]:
@@ -89,15 +93,34 @@ class SeaweedFS:
             f"-s3.localSocket={folder}/s3.sock",
             f"-filer.localSocket={folder}/filer.sock",
             f"-bucket={self.server.bucket}",
+            f"-s3.config={self._identities()}",
         ]
 
+    def _identities(self) -> Path:
+        """SeaweedFS's identity file: the pipeline's credentials may do anything, the reader's only read."""
+        server = self.server
+        identities = [
+            ("writer", server.access_key, server.secret_key, ["Admin", "Read", "List", "Tagging", "Write"]),
+            ("reader", server.reader_key, server.reader_secret, ["Read", "List"]),
+        ]
+        config = {
+            "identities": [
+                {"name": name, "credentials": [{"accessKey": key, "secretKey": secret}], "actions": actions}
+                for name, key, secret, actions in identities
+            ]
+        }
+        path = self.folder / "identities.json"
+        path.write_text(json.dumps(config))
+        path.chmod(0o600)
+        return path
+
     def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
             "AWS_ACCESS_KEY_ID": self.server.access_key,
             "AWS_SECRET_ACCESS_KEY": self.server.secret_key,
         }
-        self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "weed.log", "a") as log:
             self.proc = subprocess.Popen(self._command(), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -256,3 +256,30 @@ def test_a_worker_killed_mid_sweep_loses_and_duplicates_nothing(tmp_path, prefec
     assert "published 12 runs" in out
     ids = open_dataset(str(store)).runs(columns=["run_id"])["run_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 12
+
+
+@pytest.mark.s3
+def test_a_reader_with_read_only_credentials_reads_but_cannot_write(tmp_path, s3_server):
+    """Two identities on the S3 server (the pipeline's, and a consumer's with Read and List only): the reader
+    opens the dataset; its publish, release and direct writes are refused and the tables stay as they were."""
+    uri = f"s3://{s3_server.bucket}/read-only-{tmp_path.name}"
+    with mock.patch.dict(os.environ, s3_server.env()):
+        store = open_store(uri)
+        runs, epochs = synthetic_tables(4, 3, datasets=("adult",), seed=6)
+        stage_result(store, "u1", runs, epochs)
+        publish(store)
+        stage_result(store, "u2", *synthetic_tables(2, 3, datasets=("adult",), seed=7))
+        before = sorted(store.fs.find(store.root))
+    reader_env = {**os.environ, **s3_server.env(reader=True), "BUTTER_STORE_RETRY_SECONDS": "0"}
+    with mock.patch.dict(os.environ, reader_env):
+        assert open_dataset(uri).runs(columns=["run_id"]).num_rows == 4
+        reader = open_store(uri, create=False)
+        with pytest.raises(PermissionError):
+            reader.fs.pipe_file(reader.path("planted.txt"), b"x")
+    for command in (["publish", "--store", uri], ["release", "r1", "--store", uri]):
+        result = subprocess.run([BUTTER, *command], env=reader_env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert s3_server.reader_secret not in result.stderr + result.stdout
+    with mock.patch.dict(os.environ, s3_server.env()):
+        assert sorted(open_store(uri).fs.find(open_store(uri).root)) == before  # nothing written, nothing lost
