@@ -183,7 +183,7 @@ def _existing(uri: str) -> Store:
     if store.is_local and not os.path.isdir(store.root):
         raise StoreError(f"store {uri!r}: folder {store.root} does not exist")
     if not store.is_local and "/" in store.root and not store.fs.exists(store.root):  # a bucket's own root exists
-        raise StoreError(f"store {uri!r}: {store.uri} does not exist (nothing under that prefix); check the prefix")
+        raise StoreError(f"store {uri!r} does not exist (nothing under that prefix); check the prefix")
     return store
 
 
@@ -191,13 +191,11 @@ def _existing(uri: str) -> Store:
 def publish_command(store: StoreOpt = DEFAULT_STORE) -> None:
     """Commit staged results into the store's Delta tables (safe to repeat)."""
     from butter_pipeline.publish import publish
-    from butter_pipeline.stage import quarantined_units
 
     try:
         target = _existing(store)
-        before = set(quarantined_units(target))
         report = publish(target)
-        set_aside = sorted(set(quarantined_units(target)) - before)
+        set_aside = sorted(report.quarantined)
     except ButterError as exc:
         _fail(exc)
     out.print(

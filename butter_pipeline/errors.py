@@ -49,3 +49,7 @@ class ExportError(ButterError):
 
 class StagingError(ButterError):
     """A staged file that cannot be published as it is."""
+
+
+class FigureError(ButterError):
+    """Raised when a figure or report names a dataset, shape or depth the store has no summaries for."""

@@ -40,6 +40,7 @@ from butter_pipeline.stage import (
 )
 from butter_pipeline.store import Store, create_exclusive
 from butter_pipeline.tables import PUBLISHER_APP_ID, append, arrow_dataset, open_or_create, open_table
+from butter_pipeline.validate import find_problems, report_json
 
 APP_ID = PUBLISHER_APP_ID
 TABLES = ("epochs", "runs")  # commit order: a run is visible only once its epochs are
@@ -55,11 +56,12 @@ MAX_EPOCH_ROWS_PER_COMMIT = 4_000_000
 
 @dataclass(frozen=True)
 class PublishReport:
-    units: int  # staged units consumed
+    units: int  # staged units published (or found already published)
     runs_added: int
     epochs_added: int
     runs_version: int | None  # the runs table's version after publishing
     commits: int
+    quarantined: tuple[str, ...] = ()  # staged units set aside in quarantine/ (damaged, off the contract)
 
 
 def published_run_ids(store: Store, datasets: Iterable[str] | None = None) -> pyarrow.Array:
@@ -101,25 +103,28 @@ def upgrade(table: pyarrow.Table, schema: pyarrow.Schema, what: str) -> pyarrow.
     null, the others take their documented default. Anything else that does not fit is refused by name.
     """
     columns = []
-    try:
-        for field in schema:
-            if field.name in table.column_names:
+    for field in schema:
+        if field.name in table.column_names:
+            try:
                 columns.append(table[field.name].cast(field.type))
-            elif field.nullable:
-                columns.append(pyarrow.nulls(table.num_rows, field.type))
-            elif field.name in ADDED_COLUMN_DEFAULTS:
-                columns.append(pyarrow.array([ADDED_COLUMN_DEFAULTS[field.name]] * table.num_rows, field.type))
-            else:
-                raise StagingError(f"{what}: column {field.name!r} is missing and has no default")
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, pyarrow.ArrowNotImplementedError) as exc:
-        raise StagingError(f"{what}: {str(exc).splitlines()[0]}") from None
+            except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, pyarrow.ArrowNotImplementedError) as exc:
+                reason = str(exc).splitlines()[0]
+                raise StagingError(f"{what}: column {field.name!r} is not {field.type} ({reason})") from None
+        elif field.nullable:
+            columns.append(pyarrow.nulls(table.num_rows, field.type))
+        elif field.name in ADDED_COLUMN_DEFAULTS:
+            columns.append(pyarrow.array([ADDED_COLUMN_DEFAULTS[field.name]] * table.num_rows, field.type))
+        else:
+            raise StagingError(f"{what}: column {field.name!r} is missing and has no default")
     unknown = sorted(set(table.column_names) - set(schema.names))
     if unknown:
         raise StagingError(f"{what}: column {unknown[0]!r} is not in the data contract")
     return pyarrow.Table.from_arrays(columns, schema=schema)
 
 
-def _batch_tables(store: Store, units: list[str], added: set[str]) -> tuple[pyarrow.Table, pyarrow.Table]:
+def _batch_tables(
+    store: Store, units: list[str], added: set[str], quarantined: list[str]
+) -> tuple[pyarrow.Table, pyarrow.Table]:
     """The rows of ``units`` whose runs are neither published nor in ``added``, each run once."""
     runs_parts, epochs_parts = [], []
     for unit in units:
@@ -133,6 +138,14 @@ def _batch_tables(store: Store, units: list[str], added: set[str]) -> tuple[pyar
             )
         except StagingError as exc:  # damaged or off the contract: set aside with a report, never committed
             quarantine_staged(store, unit, str(exc))
+            quarantined.append(unit)
+            continue
+        # checked again, as the worker did before staging: staging is a shared folder, and what reaches the
+        # tables must keep the contract whoever wrote it (about 1.6 us per epoch row)
+        problems = find_problems(runs, epochs)
+        if problems:
+            quarantine_staged(store, unit, f"staged unit {unit} breaks the data contract", report=report_json(problems))
+            quarantined.append(unit)
             continue
         runs_parts.append(runs)
         epochs_parts.append(epochs)
@@ -153,13 +166,13 @@ def _batch_tables(store: Store, units: list[str], added: set[str]) -> tuple[pyar
 
 
 def _complete_batch(
-    store: Store, tables: dict[str, DeltaTable], record: dict, added_ids: set[str]
+    store: Store, tables: dict[str, DeltaTable], record: dict, added_ids: set[str], quarantined: list[str]
 ) -> tuple[int, int, int]:
     """Commit batch ``record`` to every table that lacks it; returns (runs, epochs, commits) added."""
     version, units = record["version"], record["units"]
     added = (0, 0, 0)
     if _txn_version(tables["runs"]) < version:  # runs is committed last: if it has N, so has epochs
-        runs, epochs = _batch_tables(store, units, added_ids)
+        runs, epochs = _batch_tables(store, units, added_ids, quarantined)
         commits = 0
         failpoint("publish:before-commit")
         if runs.num_rows:
@@ -264,7 +277,7 @@ def _publish_once(store: Store) -> PublishReport:
         return _publish_locked(store)
 
 
-def _batches(store: Store, units: list[str]) -> Iterator[list[str]]:
+def _batches(store: Store, units: list[str], quarantined: list[str]) -> Iterator[list[str]]:
     """``units`` cut into commits bounded by unit count and epoch rows (read from Parquet footers)."""
     batch: list[str] = []
     rows = 0
@@ -273,6 +286,7 @@ def _batches(store: Store, units: list[str]) -> Iterator[list[str]]:
             unit_rows = staged_epoch_rows(store, unit)
         except StagedFileDamaged as exc:
             quarantine_staged(store, unit, str(exc))
+            quarantined.append(unit)
             continue
         if batch and (len(batch) >= MAX_UNITS_PER_COMMIT or rows + unit_rows > MAX_EPOCH_ROWS_PER_COMMIT):
             yield batch
@@ -287,6 +301,7 @@ def _publish_locked(store: Store) -> PublishReport:
     tables = {name: open_or_create(store, name) for name in TABLES}
     published: set[str] = set()  # runs added by this publish
     runs_added = epochs_added = commits = units_done = 0
+    quarantined: list[str] = []  # units set aside: damaged, or off the contract
 
     pending = _read_pending(store)
     if pending is not None:
@@ -296,22 +311,23 @@ def _publish_locked(store: Store) -> PublishReport:
                 f"store {store.uri}: pending publish batch {pending['version']} is ahead of the tables "
                 f"(transaction versions {versions}); the _publish record does not belong to these tables"
             )
-        r, e, c = _complete_batch(store, tables, pending, published)
+        r, e, c = _complete_batch(store, tables, pending, published, quarantined)
         runs_added, epochs_added, commits, units_done = r, e, c, len(pending["units"])
 
-    for batch in _batches(store, staged_units(store)):
+    for batch in _batches(store, staged_units(store), quarantined):
         version = max(_txn_version(t) for t in tables.values()) + 1
         record = {"version": version, "units": batch}
         _write_pending(store, record)
-        r, e, c = _complete_batch(store, tables, record, published)
+        r, e, c = _complete_batch(store, tables, record, published, quarantined)
         runs_added, epochs_added, commits = runs_added + r, epochs_added + e, commits + c
         units_done += len(batch)
 
     runs_table = open_table(store, "runs")
     return PublishReport(
-        units=units_done,
+        units=units_done - len(quarantined),
         runs_added=runs_added,
         epochs_added=epochs_added,
         runs_version=None if runs_table is None else runs_table.version(),
         commits=commits,
+        quarantined=tuple(quarantined),
     )

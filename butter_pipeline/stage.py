@@ -115,7 +115,7 @@ def read_staged(store: Store, unit_id: str) -> tuple[pyarrow.Table, pyarrow.Tabl
     return read_staged_file(store, STAGING, unit_id, RUNS_FILE), read_staged_file(store, STAGING, unit_id, EPOCHS_FILE)
 
 
-def quarantine_staged(store: Store, unit_id: str, reason: str) -> None:
+def quarantine_staged(store: Store, unit_id: str, reason: str, *, report: str | None = None) -> None:
     """Move a staged unit that cannot be published (unreadable, truncated, off the contract) to
     ``quarantine/<unit_id>/`` with a report saying why; its runs are then no longer done, so a resumed
     sweep trains them again. Safe to call twice, or on a unit half moved by a process that died."""
@@ -126,8 +126,9 @@ def quarantine_staged(store: Store, unit_id: str, reason: str) -> None:
                 write_atomically(store, store.path(QUARANTINE, unit_id, name), store.fs.cat_file(source))
         except OSError:  # bytes that cannot even be copied: the report is what is left
             pass
-    report = [{"table": None, "column": None, "check": "staged_unit_readable", "detail": reason}]
-    write_atomically(store, store.path(QUARANTINE, unit_id, REPORT_FILE), json.dumps(report, indent=2).encode())
+    if report is None:  # ``report``: the validator's JSON report; else the one reason given
+        report = json.dumps([{"table": None, "column": None, "check": "staged_unit_publishable", "detail": reason}])
+    write_atomically(store, store.path(QUARANTINE, unit_id, REPORT_FILE), report.encode())
     remove_staged(store, unit_id)
 
 

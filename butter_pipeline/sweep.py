@@ -234,6 +234,14 @@ def parse_spec(data: dict[str, Any], *, source: str) -> SweepSpec:
                 else:
                     model = Grid if loc[0] == "grid" and len(loc) > 1 else SweepSpec
                 message = f"unknown key; allowed: {', '.join(model.model_fields)}"
+            elif (loc == ("grid",) and error["type"] == "list_type") or error["type"] == "model_type":
+                if loc == ("grid",):
+                    message = "must be a [grid] table or [[grid]] tables"
+                elif "kernel_regularizer" in loc:
+                    message = 'must be "none" or a table like { type = "l2", strength = 0.01 }'
+                else:
+                    message = "must be a table"
+                message += f" (got {error.get('input')!r})"
             elif error["type"] not in {"value_error", "missing"}:
                 message += f" (got {error.get('input')!r})"
             problems.append(f"{where}: {message}")

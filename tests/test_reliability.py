@@ -107,7 +107,7 @@ def test_damaged_staged_files_are_quarantined_with_a_report_and_retrained_on_res
     assert sorted(quarantined_units(store)) == sorted([truncated, junk]) and staged_units(store) == []
     for unit in (truncated, junk):
         [problem] = json.loads((tmp_path / "store" / "quarantine" / unit / "report.json").read_text())
-        assert problem["check"] == "staged_unit_readable" and "not a readable Parquet file" in problem["detail"]
+        assert problem["check"] == "staged_unit_publishable" and "not a readable Parquet file" in problem["detail"]
 
     missing = {run.run_id for run in runs} - done_run_ids(store)
     assert missing == {run.run_id for group in groups[:2] for run in group}

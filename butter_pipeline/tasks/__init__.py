@@ -13,7 +13,7 @@ from functools import cache
 import numpy as np
 
 from butter_pipeline.errors import DatasetError
-from butter_pipeline.tasks._base import data_home, manifest, resolve_file
+from butter_pipeline.tasks._base import data_home, manifest, resolve_file, verify_cached
 from butter_pipeline.tasks._mnist import read_mnist
 from butter_pipeline.tasks._pmlb import TARGET_COLUMN, read_pmlb_frame
 from butter_pipeline.tasks.preprocess import encode_frame
@@ -38,7 +38,7 @@ TASK_FACTS: dict[str, tuple[int, int, int, str, str]] = {
     "wine_quality_white": (4898, 11, 7, "classification", "categorical_crossentropy"),
 }
 
-__all__ = ["DATASETS", "TASK_FACTS", "Task", "data_home", "load_task", "manifest", "resolve_file"]
+__all__ = ["DATASETS", "TASK_FACTS", "Task", "data_home", "load_task", "manifest", "resolve_file", "verify_cached"]
 
 
 @dataclass(frozen=True, eq=False)

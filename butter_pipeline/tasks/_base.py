@@ -14,6 +14,7 @@ import os
 import tempfile
 import urllib.request
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -127,3 +128,25 @@ def resolve_file(entry: TaskFile, *, home: str | os.PathLike[str] | None = None)
     cached.unlink(missing_ok=True)
     _download(entry, cached)
     return cached
+
+
+def verify_cached(names: Iterable[str], *, home: str | os.PathLike[str] | None = None) -> None:
+    """Refuse, before any work, a cached task file of tasks ``names`` that is not the pinned one.
+
+    ``resolve_file`` alone skips such a file with a warning, which on a Dask worker nobody sees; the cache
+    is the user's, so a command that is about to train says so first, in one line.
+    """
+    for name in sorted(set(names)):
+        for entry in manifest().get(name, ()):
+            cached = data_home(home) / entry.name / entry.file
+            if not cached.is_file():
+                continue
+            try:
+                actual = sha256_of(cached)
+            except OSError as exc:
+                raise DatasetError(f"dataset {name}: cannot read cached file {cached} ({exc.strerror})") from None
+            if actual != entry.sha256:
+                raise DatasetChecksumError(
+                    f"dataset {name}: cached file {cached} has sha256 {actual}, expected {entry.sha256} "
+                    f"(package manifest); delete it, or replace it with the pinned file"
+                )
