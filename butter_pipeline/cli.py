@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from butter_pipeline.cli_figures import plot_app, report
 from butter_pipeline.errors import ButterError, ExportError, StagingError, StoreError
 from butter_pipeline.progress import format_duration
 from butter_pipeline.store import DEFAULT_STORE, Store, check_reachable, open_store
@@ -393,6 +394,9 @@ def serve(
     except ButterError as exc:
         _fail(exc)
 
+
+app.add_typer(plot_app, name="plot")
+app.command()(report)
 
 _INTERRUPTED = "interrupted; staged results are kept and published by the next run or `butter publish`"
 
