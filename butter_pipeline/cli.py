@@ -18,6 +18,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from butter_pipeline.cli_common import StoreOpt, err, out
+from butter_pipeline.cli_common import fail as _fail
 from butter_pipeline.cli_figures import plot_app, report
 from butter_pipeline.errors import ButterError, ExportError, StagingError, StoreError
 from butter_pipeline.progress import format_duration
@@ -29,11 +31,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Generate and publish BUTTER-style datasets.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 SweepArg = Annotated[str, typer.Argument(help="A preset name (see `butter sweeps`) or a sweep .toml file.")]
-StoreOpt = Annotated[str, typer.Option("--store", help="A folder or s3://bucket/prefix.")]
 
 
 def _print_table(table: Table) -> None:
@@ -43,11 +42,6 @@ def _print_table(table: Table) -> None:
         out.print(table)
     else:  # Console.print caps its width at the console's own
         Console(file=out.file, width=natural, soft_wrap=True).print(table)
-
-
-def _fail(error: ButterError) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command()

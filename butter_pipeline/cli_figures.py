@@ -7,12 +7,13 @@ Bad input prints one line ``error: ...`` and exits with status 2, as every butte
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from butter_pipeline.cli_common import StoreOpt, err, out
+from butter_pipeline.cli_common import fail as _fail
 from butter_pipeline.errors import ButterError, FigureError
 from butter_pipeline.store import DEFAULT_STORE
 
@@ -26,10 +27,7 @@ plot_app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Draw BUTTER's views of a store: heat map, loss curves, best epoch and loss by size.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
-StoreOpt = Annotated[str, typer.Option("--store", help="A folder or s3://bucket/prefix.")]
 ReleaseOpt = Annotated[str | None, typer.Option(help="Read this release instead of the latest tables.")]
 VersionOpt = Annotated[int | None, typer.Option(help="Read the tables as of this runs table version.")]
 DatasetOpt = Annotated[
@@ -43,11 +41,6 @@ OutOpt = Annotated[
     ),
 ]
 FormatOpt = Annotated[str, typer.Option("--format", help="png, svg or both.")]
-
-
-def _fail(error: ButterError) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _formats(choice: str) -> tuple[str, ...]:

@@ -68,7 +68,8 @@ wait_for "the Dask scheduler" python -c "import socket; socket.create_connection
 start dask-workers dask worker "$BUTTER_DASK_ADDRESS" --host 127.0.0.1 --nworkers "$workers" --nthreads 1 \
   --name cpu --no-dashboard
 wait_for "the Prefect server" python -c "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health', timeout=2)"
-wait_for "the S3 server" butter releases --store "$BUTTER_STORE"  # lists nothing yet; fails until S3 answers
+wait_for "the S3 server" python -c "from butter_pipeline.store import check_reachable, open_store
+check_reachable(open_store('$BUTTER_STORE', create=False))"  # lists the bucket: fails until S3 answers
 
 prefect --no-prompt work-pool create "$pool" --type process --overwrite > "$state/work-pool.log"
 (cd "$root" && prefect --no-prompt deploy --all --prefect-file prefect.yaml) > "$state/deploy.log" 2>&1 || {
