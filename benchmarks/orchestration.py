@@ -67,6 +67,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Sum of the training and evaluation seconds the workers recorded (each run holds its share of its group's)
+_SUM_TRAINING = (
+    "import os; from butter_pipeline.read import open_dataset; "
+    "t = open_dataset(os.environ['BUTTER_STORE']).runs(columns=['train_seconds', 'eval_seconds'], to='pandas'); "
+    "print(float((t.train_seconds + t.eval_seconds).sum()))"
+)
+
+
 def end_to_end_seconds(sweep_file: Path, state: Path, workers: int) -> tuple[float, str]:
     """Wall seconds of the `sweep` deployment run on a fresh local stack; also its `butter status` table."""
     bin_dir = str(Path(sys.executable).parent)
@@ -86,6 +94,14 @@ def end_to_end_seconds(sweep_file: Path, state: Path, workers: int) -> tuple[flo
             ["bash", str(LOCAL / "smoke.sh"), str(sweep_file)], env=env, capture_output=True, text=True, check=True
         )
         wall = time.perf_counter() - started
+        inside = subprocess.run(
+            ["bash", "-c", f'. "{state}/env" && "{sys.executable}" -c "{_SUM_TRAINING}"'],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        print(f"training time recorded by the workers (sum over runs): {float(inside.stdout):.1f} s")
     finally:
         subprocess.run(["bash", str(LOCAL / "down.sh")], env=env, stdout=subprocess.DEVNULL)
     return wall, smoke.stdout.split("Flow run finished", 1)[-1]

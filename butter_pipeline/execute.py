@@ -8,8 +8,10 @@ ids, so a re-executed task (Dask re-runs the tasks of a dead worker) finds it st
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import sys
 from collections import Counter
 
 import torch
@@ -27,11 +29,36 @@ from butter_pipeline.vtrain import group_runs, train_runs
 DEFAULT_RUN_ATTEMPTS = 3
 
 
-def _set_threads(threads: int | None) -> None:
+# glibc's mallopt parameters, and the values its dynamic rule settles at on 64-bit Linux
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES, _TRIM_THRESHOLD_BYTES = 32 << 20, 64 << 20
+
+
+def keep_buffers_mapped() -> bool:
+    """Undo a fixed ``MALLOC_TRIM_THRESHOLD_`` in this process; True when there was one to undo.
+
+    Dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
+    threshold at 128 KiB: torch's per-step buffers are then mapped and unmapped each time, and training ran
+    1.6-1.8x slower in such a process here (docs/performance.md). Setting both thresholds to where glibc's
+    dynamic rule would have taken them restores the speed, whatever started the worker.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...): nothing to undo
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+    )
+
+
+def _prepare_process(threads: int | None) -> None:
     # One single-threaded worker per core beats one multi-threaded worker on small networks (design.md).
     chosen = threads or int(os.environ.get("BUTTER_TORCH_THREADS", "1"))
     if torch.get_num_threads() != chosen:
         torch.set_num_threads(chosen)
+    keep_buffers_mapped()
 
 
 def unit_id(runs: list[Run]) -> str:
@@ -81,7 +108,7 @@ def train_with_retries(group: list[Run], attempts: int, checkpoints: Checkpoints
 
 def run_chunk(store_uri: str, runs: list[Run], *, threads: int | None = None) -> dict[str, int]:
     """Train, validate and stage every run of a chunk; returns counts of runs by outcome and by status."""
-    _set_threads(threads)
+    _prepare_process(threads)
     store = open_store(store_uri, create=False)
     attempts = run_attempts()
     checkpoints = Checkpoints(store, every_epochs())

@@ -24,21 +24,6 @@ PREFECT_DEFAULTS = {
 }
 
 
-# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap threshold:
-# torch's buffers are then mapped and unmapped at every step. Measured here: training 1.5-1.7x slower in
-# such a process (docs/performance.md). This config key unsets it for the workers a nanny starts; processes
-# that run `dask worker` get the same from this environment variable (infra/ sets it).
-NANNY_MALLOC_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
-NANNY_MALLOC_ENV = {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_": "None"}
-
-
-def keep_glibc_malloc_defaults() -> None:
-    """Have Dask nannies started from this process leave glibc's malloc thresholds alone."""
-    import dask
-
-    dask.config.set({NANNY_MALLOC_KEY: None})
-
-
 def apply_prefect_defaults(*, quiet: bool) -> None:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)

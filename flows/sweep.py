@@ -27,7 +27,7 @@ from butter_pipeline import plan as planning
 from butter_pipeline import progress as progressing
 from butter_pipeline import publish as publishing
 from butter_pipeline import summarize as summarizing
-from butter_pipeline.orchestrate import ClusterWorkers, cluster_workers, keep_glibc_malloc_defaults
+from butter_pipeline.orchestrate import ClusterWorkers, cluster_workers
 from butter_pipeline.store import DEFAULT_STORE, open_store
 from butter_pipeline.sweep import Run, load_spec
 
@@ -37,7 +37,6 @@ MARKDOWN_EVERY_SECONDS = 60.0
 
 def local_cluster_runner(workers: int | None = None) -> DaskTaskRunner:
     """A Dask LocalCluster of single-threaded worker processes on loopback, one per core by default."""
-    keep_glibc_malloc_defaults()
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={

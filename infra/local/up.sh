@@ -44,8 +44,6 @@ BUTTER_STORE=s3://butter/data
 BUTTER_DASK_ADDRESS=tcp://127.0.0.1:$dask_port
 BUTTER_WORK_POOL=$pool
 BUTTER_PROJECT_DIR=$root
-# Dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_=65536: training 1.5x slower (orchestrate.py)
-DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None
 set +a
 ENV
 . "$state/env"

@@ -38,9 +38,6 @@ ADDRESS_FILE = "scheduler-address"
 PID_FILE = "launcher.pid"
 JOBS_FILE = "jobs"
 STATUS_EVERY_SECONDS = 15.0
-# Dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_=65536: training 1.5x slower
-# (butter_pipeline/orchestrate.py); this leaves glibc's malloc defaults alone.
-NANNY_MALLOC_EXPORT = "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None"
 
 
 class UsageError(Exception):
@@ -200,7 +197,7 @@ def cpu_job_options(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         "memory": args.cpu_memory,
         "job_extra_directives": list(args.cpu_directive),
         "worker_extra_args": ["--nthreads", "1"],
-        "job_script_prologue": ["export BUTTER_DEVICE=cpu", NANNY_MALLOC_EXPORT, *args.prologue],
+        "job_script_prologue": ["export BUTTER_DEVICE=cpu", *args.prologue],
     }
 
 
@@ -216,7 +213,7 @@ def gpu_job_options(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         "job_extra_directives": [f"--gres={args.gpu_gres}", *args.gpu_directive],
         # one thread whatever --gpu-cores is: the extra cores are for torch and data loading, not for tasks
         "worker_extra_args": ["--resources", "GPU=1", "--nthreads", "1"],
-        "job_script_prologue": ["export BUTTER_DEVICE=cuda", NANNY_MALLOC_EXPORT, *args.prologue],
+        "job_script_prologue": ["export BUTTER_DEVICE=cuda", *args.prologue],
     }
 
 
