@@ -14,16 +14,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
 from butter_pipeline.retry import is_transient, retrying
+from butter_pipeline.settings import SETTINGS, setting
 from butter_pipeline.store import Store, write_atomically
 
 CHECKPOINTS = "checkpoints"
-DEFAULT_EVERY_EPOCHS = 100
+DEFAULT_EVERY_EPOCHS = int(SETTINGS["BUTTER_CHECKPOINT_EVERY"][0])
 FORMAT = 1  # bumped when the saved state changes shape; older checkpoints are ignored
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,7 @@ log = logging.getLogger(__name__)
 
 def every_epochs() -> int:
     """Epochs between checkpoints: ``BUTTER_CHECKPOINT_EVERY`` (0 turns checkpoints off), default 100."""
-    text = os.environ.get("BUTTER_CHECKPOINT_EVERY", str(DEFAULT_EVERY_EPOCHS))
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        from butter_pipeline.errors import ButterError
-
-        raise ButterError(f"BUTTER_CHECKPOINT_EVERY={text!r} must be a whole number of epochs (0: no checkpoints)")
-    return value
+    return int(setting("BUTTER_CHECKPOINT_EVERY"))
 
 
 def checkpoint_key(run_ids: list[str]) -> str:

@@ -125,6 +125,7 @@ def run(
     """Train the runs of SWEEP that the store lacks, and publish them as Delta tables."""
     from butter_pipeline.orchestrate import apply_prefect_defaults, check_scheduler, run_sweep_flow
     from butter_pipeline.plan import done_run_ids, make_plan
+    from butter_pipeline.settings import check_settings
     from butter_pipeline.sweep import load_spec
     from butter_pipeline.tasks import verify_cached
     from butter_pipeline.vtrain import check_environment
@@ -134,6 +135,7 @@ def run(
         spec = load_spec(sweep)
         verify_cached(dataset for grid in spec.grid for dataset in grid.dataset)
         check_environment()
+        check_settings()
         if dask_address:
             check_scheduler(dask_address)  # before anything is created in the store
         target = _reachable(store)

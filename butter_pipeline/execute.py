@@ -19,15 +19,13 @@ import torch
 from butter_pipeline.checkpoint import Checkpoints, every_epochs
 from butter_pipeline.record import epochs_table, runs_table
 from butter_pipeline.retry import retrying
+from butter_pipeline.settings import setting
 from butter_pipeline.stage import StageOutcome, is_staged, stage_result
 from butter_pipeline.store import Store, open_store
 from butter_pipeline.sweep import Run
 from butter_pipeline.train import RunResult
 from butter_pipeline.validate import find_problems
 from butter_pipeline.vtrain import group_runs, train_runs
-
-DEFAULT_RUN_ATTEMPTS = 3
-
 
 # glibc's mallopt parameters, and the values its dynamic rule settles at on 64-bit Linux
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -55,7 +53,7 @@ def keep_buffers_mapped() -> bool:
 
 def _prepare_process(threads: int | None) -> None:
     # One single-threaded worker per core beats one multi-threaded worker on small networks (design.md).
-    chosen = threads or int(os.environ.get("BUTTER_TORCH_THREADS", "1"))
+    chosen = threads or int(setting("BUTTER_TORCH_THREADS"))
     if torch.get_num_threads() != chosen:
         torch.set_num_threads(chosen)
     keep_buffers_mapped()
@@ -86,7 +84,7 @@ def stage_results(store: Store, unit: str, results: list[RunResult]) -> list[Sta
 
 def run_attempts() -> int:
     """How many times a run that raises is trained before it is recorded as ``failed``."""
-    return max(1, int(os.environ.get("BUTTER_RUN_ATTEMPTS", DEFAULT_RUN_ATTEMPTS)))
+    return int(setting("BUTTER_RUN_ATTEMPTS"))
 
 
 def train_with_retries(group: list[Run], attempts: int, checkpoints: Checkpoints | None = None) -> list[RunResult]:

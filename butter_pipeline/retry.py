@@ -11,14 +11,13 @@ The budget is ``BUTTER_STORE_RETRY_SECONDS`` (default 600) of waiting per operat
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from butter_pipeline.errors import ButterError, StoreError
+from butter_pipeline.settings import setting
 
-DEFAULT_BUDGET_SECONDS = 600.0
 FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS = 1.0, 30.0
 _ANSWERS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -27,14 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def budget_seconds() -> float:
-    text = os.environ.get("BUTTER_STORE_RETRY_SECONDS", str(DEFAULT_BUDGET_SECONDS))
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise ButterError(f"BUTTER_STORE_RETRY_SECONDS={text!r} must be a number of seconds >= 0")
-    return value
+    return float(setting("BUTTER_STORE_RETRY_SECONDS"))
 
 
 def is_transient(error: BaseException) -> bool:
