@@ -66,12 +66,9 @@ class Checkpoints:
     def load(self, key: str, device: torch.device) -> dict | None:
         """The saved state of ``key``, or None when there is none (or it cannot be used)."""
         path = self._path(key)
-        where = f"store {self.store.uri}: reading checkpoint {key}"
-        if not retrying(where, self.store.fs.exists, path):
-            return None
         try:
-            payload = retrying(where, self.store.fs.cat_file, path)
-        except FileNotFoundError:  # removed meanwhile by the worker that finished these runs
+            payload = retrying(f"store {self.store.uri}: reading checkpoint {key}", self.store.fs.cat_file, path)
+        except FileNotFoundError:  # the common case: nothing saved for these runs
             return None
         try:
             state = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
@@ -81,13 +78,14 @@ class Checkpoints:
             return None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             log.warning("checkpoint %s has an unknown format; training from the start", path)
+            self.remove(key)
             return None
         return state
 
     def remove(self, key: str) -> None:
-        path = self._path(key)
         try:
-            if self.store.fs.exists(path):
-                self.store.fs.rm(path)
+            self.store.fs.rm(self._path(key))
+        except FileNotFoundError:
+            pass
         except OSError as exc:  # a leftover checkpoint costs space, not correctness
-            log.warning("could not remove checkpoint %s: %s", path, exc)
+            log.warning("could not remove checkpoint %s: %s", self._path(key), exc)

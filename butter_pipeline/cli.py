@@ -71,7 +71,7 @@ def plan(
         done = done_run_ids(_reachable(store, create=False)) if store else set()  # plan writes nothing
     except ButterError as exc:
         _fail(exc)
-    result = make_plan(spec, done, materialize=False)
+    result = make_plan(spec, done)
     out.print(
         f"sweep {spec.name}: {result.experiments:,} experiments, {result.runs:,} runs, {result.epochs:,} run-epochs"
     )
@@ -139,7 +139,7 @@ def run(
         if dask_address:
             check_scheduler(dask_address)  # before anything is created in the store
         target = _reachable(store)
-        planned = make_plan(spec, done_run_ids(target), materialize=False)  # counts only; the flow plans again
+        planned = make_plan(spec, done_run_ids(target))  # counts only; the flow plans again
     except ButterError as exc:
         _fail(exc)
     to_train = planned.todo_runs if max_runs is None else min(planned.todo_runs, max_runs)
@@ -224,13 +224,10 @@ def _quarantine_line(store: Store, units: list[str]) -> str:
 @app.command()
 def summarize(store: StoreOpt = DEFAULT_STORE) -> None:
     """Bring the summaries table up to date (only experiments whose runs changed are recomputed)."""
-    from butter_pipeline.publish import publisher_lock
-    from butter_pipeline.summarize import update_summaries
+    from butter_pipeline.summarize import summarize_store
 
     try:
-        target = _existing(store)
-        with publisher_lock(target):
-            report = update_summaries(target)
+        report = summarize_store(_existing(store))
     except ButterError as exc:
         _fail(exc)
     out.print(
@@ -344,13 +341,13 @@ def status(
         planned: dict[str, int] = {}
         if sweep is not None:
             spec = load_spec(sweep)
-            planned[spec.name] = make_plan(spec, set(), materialize=False).runs
+            planned[spec.name] = make_plan(spec, set()).runs
         rows = sweep_progress(target, planned)
         if sweep is not None:
             rows = [p for p in rows if p.sweep == spec.name]
         for p in rows:  # sweeps named after a preset: their size is known here
             if p.planned is None and p.sweep in preset_names():
-                p.planned = make_plan(load_spec(p.sweep), set(), materialize=False).runs
+                p.planned = make_plan(load_spec(p.sweep), set()).runs
     except ButterError as exc:
         _fail(exc)
     table = Table("sweep", "progress", "done", *STATUSES, "staged", "remaining", "runs/hour", "time left")

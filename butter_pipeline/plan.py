@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -20,8 +20,6 @@ from butter_pipeline.sweep import Experiment, Run, SweepSpec, expand
 from butter_pipeline.tasks import TASK_FACTS, manifest
 from butter_pipeline.vtrain import group_runs
 
-MAX_RUNS_PER_CHUNK = 64
-
 
 @dataclass(frozen=True)
 class SweepPlan:
@@ -31,7 +29,6 @@ class SweepPlan:
     done: int  # runs already published or staged
     rejected_experiments: int  # experiments whose closest network is more than 20 % off target
     todo_seconds: float  # estimated single-core seconds for the runs still to train
-    todo: list[Run]  # the runs to train (empty when planned with ``materialize=False``)
 
     @property
     def todo_runs(self) -> int:
@@ -75,14 +72,13 @@ def _conformant(dataset: str, shape: str, size: int, depth: int) -> bool:
     return layout_for(shape, size, depth, n_in, n_out).conformant
 
 
-def make_plan(spec: SweepSpec, done: set[str], *, max_runs: int | None = None, materialize: bool = True) -> SweepPlan:
-    """Expand ``spec`` and drop the runs in ``done``; keep at most ``max_runs`` of the rest, in grid order.
+def make_plan(spec: SweepSpec, done: set[str] | frozenset[str]) -> SweepPlan:
+    """Count ``spec``'s experiments, runs and epochs, the runs in ``done`` and the cost of the rest.
 
-    With ``materialize=False`` only the counts are computed (fast enough for BUTTER's largest sweeps).
+    Counts only (fast enough for BUTTER's largest sweeps); ``stream_chunks`` hands out the runs themselves.
     """
     experiments = epochs = runs = already = rejected = 0
     seconds = 0.0
-    todo: list[Run] = []
     reps = spec.repetitions
     for experiment in expand(spec):
         experiments += 1
@@ -90,42 +86,14 @@ def make_plan(spec: SweepSpec, done: set[str], *, max_runs: int | None = None, m
         epochs += reps * experiment.epochs
         conformant = _conformant(experiment.dataset, experiment.shape, experiment.size, experiment.depth)
         rejected += not conformant
-        exp_id = experiment.experiment_id
-        missing = 0
-        if done or materialize:
-            for repetition in range(reps):
-                rid = run_id(exp_id, repetition)
-                if rid in done:
-                    already += 1
-                    continue
-                missing += 1
-                if materialize and (max_runs is None or len(todo) < max_runs):
-                    todo.append(Run(experiment, exp_id, repetition, rid, seed_of(rid), spec.name))
+        if done:
+            exp_id = experiment.experiment_id
+            found = sum(run_id(exp_id, repetition) in done for repetition in range(reps))
         else:
-            missing = reps
-        seconds += missing * estimated_seconds(experiment) if conformant else 0.0  # rejected: not trained
-    return SweepPlan(experiments, runs, epochs, already, rejected, seconds, todo)
-
-
-def chunk_runs(runs: Iterable[Run], *, workers: int) -> list[list[Run]]:
-    """Cut runs into balanced chunks of whole stacked-model groups: about four chunks per worker.
-
-    Groups (runs that train as one stacked model) are dealt heaviest first to the lightest chunk
-    (longest-processing-time rule) so that chunks finish together; a group is never split across chunks.
-    """
-    groups = group_runs(runs)
-    if not groups:
-        return []
-    total_runs = sum(len(g) for g in groups)
-    count = min(len(groups), max(4 * max(workers, 1), -(-total_runs // MAX_RUNS_PER_CHUNK)))
-    cost = {id(g): estimated_seconds(g[0].experiment) * len(g) for g in groups}
-    chunks: list[list[Run]] = [[] for _ in range(count)]
-    loads = [0.0] * count
-    for group in sorted(groups, key=lambda g: (-cost[id(g)], g[0].run_id)):
-        lightest = min(range(count), key=lambda i: (loads[i], len(chunks[i])))
-        chunks[lightest].extend(group)
-        loads[lightest] += cost[id(group)]
-    return [chunk for chunk in chunks if chunk]
+            found = 0
+        already += found
+        seconds += (reps - found) * estimated_seconds(experiment) if conformant else 0.0  # rejected: not trained
+    return SweepPlan(experiments, runs, epochs, already, rejected, seconds)
 
 
 # Routing: "work" is parameters x training examples x epochs of one run (the cost model of issue 6, times

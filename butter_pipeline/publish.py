@@ -31,7 +31,6 @@ from butter_pipeline.retry import retrying
 from butter_pipeline.schemas import ADDED_COLUMN_DEFAULTS, EPOCHS_SCHEMA, RUNS_SCHEMA
 from butter_pipeline.stage import (
     StagedFileDamaged,
-    is_staged,
     quarantine_staged,
     read_staged,
     remove_staged,
@@ -128,14 +127,14 @@ def _batch_tables(
     """The rows of ``units`` whose runs are neither published nor in ``added``, each run once."""
     runs_parts, epochs_parts = [], []
     for unit in units:
-        if not is_staged(store, unit):
-            continue  # quarantined by an earlier attempt at this batch, before anything was committed
         try:
             runs, epochs = read_staged(store, unit)
             runs, epochs = (
                 upgrade(runs, RUNS_SCHEMA, f"staged unit {unit}"),
                 upgrade(epochs, EPOCHS_SCHEMA, f"staged unit {unit}"),
             )
+        except FileNotFoundError:  # quarantined by an earlier attempt at this batch, before any commit
+            continue
         except StagingError as exc:  # damaged or off the contract: set aside with a report, never committed
             quarantine_staged(store, unit, str(exc))
             quarantined.append(unit)

@@ -34,6 +34,18 @@ class S3Server:
     reader_key: str = "butter-test-reader"  # a second identity that may only list and read
     reader_secret: str = ""
 
+    def filesystem(self, *, reader: bool = False):
+        """An s3fs filesystem on this server (as the read-only identity if asked), not cached."""
+        import s3fs
+
+        env = self.env(reader=reader)
+        return s3fs.S3FileSystem(
+            key=env["AWS_ACCESS_KEY_ID"],
+            secret=env["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": self.endpoint, "region_name": env["AWS_REGION"]},
+        )
+
     def env(self, *, reader: bool = False) -> dict[str, str]:
         """The environment a butter process needs to use this server (as the read-only identity if asked)."""
         return {
@@ -163,18 +175,10 @@ def seaweedfs(folder: Path | None = None, *, timeout: float = 60.0) -> Iterator[
 
 
 def _wait_until_ready(server: S3Server, proc: subprocess.Popen, folder: Path, timeout: float) -> None:
-    import s3fs
-
     deadline = time.monotonic() + timeout
     while True:
         try:
-            fs = s3fs.S3FileSystem(
-                key=server.access_key,
-                secret=server.secret_key,
-                skip_instance_cache=True,
-                client_kwargs={"endpoint_url": server.endpoint, "region_name": "us-east-1"},
-            )
-            fs.ls(server.bucket, refresh=True)
+            server.filesystem().ls(server.bucket, refresh=True)
             return
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:

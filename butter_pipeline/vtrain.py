@@ -278,6 +278,7 @@ def train_group(
     key = checkpoint_key([run.run_id for run in runs])
     first_epoch = 1
     saved = checkpoints.load(key, device) if checkpoints is not None else None
+    checkpointed = saved is not None  # then there is a checkpoint to remove at the end
     if saved is not None:
         progress = _restore(saved, model, optimizer)
         first_epoch = saved["epoch"] + 1
@@ -334,9 +335,10 @@ def train_group(
                     dead[r] = True
         if checkpoints is not None and checkpoints.due(epoch, spec.epochs):
             checkpoints.save(key, _training_state(model, optimizer, epoch, progress))
+            checkpointed = True
             failpoint("train:checkpoint-saved")
 
-    if checkpoints is not None and checkpoints.every > 0:
+    if checkpointed:
         checkpoints.remove(key)  # staging follows at once; a crash in between retrains from the start
     finished = datetime.now(UTC)
     results = []

@@ -136,7 +136,7 @@ def train_flow(
 
     # Plan: what the store holds is done; count the rest, then stream it out in chunks
     done = planning.done_run_ids(target)
-    counts = planning.make_plan(spec, done, materialize=False)
+    counts = planning.make_plan(spec, done)
     to_train = counts.todo_runs if max_runs is None else min(counts.todo_runs, max_runs)
     seconds = counts.todo_seconds * (to_train / counts.todo_runs if counts.todo_runs else 0.0)
     target_seconds = planning.chunk_seconds(seconds, parallel)

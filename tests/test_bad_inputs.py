@@ -99,17 +99,6 @@ def s3_published(s3_server: S3Server) -> str:
     return uri
 
 
-def _s3fs(server: S3Server):
-    import s3fs
-
-    return s3fs.S3FileSystem(
-        key=server.access_key,
-        secret=server.secret_key,
-        skip_instance_cache=True,
-        client_kwargs={"endpoint_url": server.endpoint, "region_name": "us-east-1"},
-    )
-
-
 def _snapshot_local(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
     files = {}
     for path in sorted(root.rglob("*")):
@@ -120,7 +109,7 @@ def _snapshot_local(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]
 
 
 def _snapshot_s3(server: S3Server, prefix: str) -> dict[str, str]:
-    fs = _s3fs(server)
+    fs = server.filesystem()
     root = f"{server.bucket}/{prefix}"
     return {key[len(root) :]: str(info.get("ETag")) for key, info in fs.find(root, detail=True).items()}
 

@@ -206,7 +206,7 @@ def test_planning_the_primary_sweep_is_streamed_in_bounded_memory():
     spec = load_spec("primary")
     tracemalloc.start()
     try:
-        counts = planning.make_plan(spec, set(), materialize=False)
+        counts = planning.make_plan(spec, set())
         target = planning.chunk_seconds(counts.todo_seconds, workers=64)
         runs = chunks = heavy = largest = 0
         for chunk in planning.stream_chunks(spec, set(), target_seconds=target):

@@ -51,19 +51,8 @@ def _blob_texts(name: str, payload: bytes) -> Iterator[tuple[str, str]]:
         yield f"{name} (decoded)", _parquet_text(payload)
 
 
-def _s3fs(server: S3Server):
-    import s3fs
-
-    return s3fs.S3FileSystem(
-        key=server.access_key,
-        secret=server.secret_key,
-        skip_instance_cache=True,
-        client_kwargs={"endpoint_url": server.endpoint, "region_name": "us-east-1"},
-    )
-
-
 def store_texts(server: S3Server, prefix: str) -> Iterator[tuple[str, str]]:
-    fs = _s3fs(server)
+    fs = server.filesystem()
     keys = fs.find(f"{server.bucket}/{prefix}")
     assert keys, f"nothing under s3://{server.bucket}/{prefix}"
     for key in keys:
@@ -134,7 +123,7 @@ def planted(s3_server: S3Server, prefect_api_url: str, tmp_path: Path) -> Iterat
     table = pyarrow.table({"note": [f"{token}-{i}" for i in range(1000)]})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
-    _s3fs(s3_server).pipe_file(f"{s3_server.bucket}/secrets-planted/data.parquet", sink.getvalue())
+    s3_server.filesystem().pipe_file(f"{s3_server.bucket}/secrets-planted/data.parquet", sink.getvalue())
     (tmp_path / "planted" / "logs").mkdir(parents=True)
     (tmp_path / "planted" / "logs" / "worker.log").write_text(f"connecting with {token}\n")
 
@@ -146,7 +135,7 @@ def planted(s3_server: S3Server, prefect_api_url: str, tmp_path: Path) -> Iterat
     leaky(token)
     APILogHandler().flush()  # the flow's logs reach the API before they are searched
     yield token
-    _s3fs(s3_server).rm(f"{s3_server.bucket}/secrets-planted", recursive=True)
+    s3_server.filesystem().rm(f"{s3_server.bucket}/secrets-planted", recursive=True)
 
 
 @pytest.mark.integration
