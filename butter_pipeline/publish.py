@@ -140,7 +140,7 @@ def _batch_tables(
             quarantined.append(unit)
             continue
         # checked again, as the worker did before staging: staging is a shared folder, and what reaches the
-        # tables must keep the contract whoever wrote it (about 1.6 us per epoch row)
+        # tables must keep the contract whoever wrote it (it halves publish throughput: docs/performance.md)
         problems = find_problems(runs, epochs)
         if problems:
             quarantine_staged(store, unit, f"staged unit {unit} breaks the data contract", report=report_json(problems))

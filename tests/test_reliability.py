@@ -27,7 +27,7 @@ from butter_pipeline.sweep import parse_spec, plan_runs
 from butter_pipeline.synthetic import synthetic_tables
 
 BUTTER = str(Path(sys.executable).parent / "butter")
-OUTAGE_SECONDS = 30  # longer than the retries inside botocore (about 10 s), so butter's own are needed
+OUTAGE_SECONDS = 30  # longer than botocore's own retries inside a request (seconds), so butter's are needed
 
 
 def _spec(name: str, **grid: object):
